@@ -1,0 +1,96 @@
+"""Tiny, offline building blocks for tests: a locally trained GPT-2-style BPE tokenizer,
+tiny random CLIP judges (transformers and open_clip) and helpers to save them like any
+pretrained folder. Nothing here touches the Hub.
+
+Import these functions from any test (``from tests.tiny import build_tokenizer``); the
+session-scoped fixtures in ``tests/conftest.py`` wrap them.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+EOS = "<|endoftext|>"
+
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+SHAPES = ["circle", "square", "triangle", "star", "diamond"]
+PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the middle"]
+
+
+def caption_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """Short scene captions with punctuation, numbers and quotes (tokenizer training text)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        c, s, p = rng.choice(COLOURS), rng.choice(SHAPES), rng.choice(PLACES)
+        k = rng.choice(["a", "one", "two", "three", "a small", "a large"])
+        out.append(f"{k} {c} {s} {p}.")
+        out.append(f"A photo of {k} {c} {s}, {p}!")
+    out += ["A man's \"red\" umbrella - 3.5 m tall.", "Two cats on a couch...", "It's a dog?"]
+    return out
+
+
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 400):
+    """A GPT-2-style byte-level BPE tokenizer trained locally (eos = pad = bos = id 0)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts or caption_corpus(), vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=[EOS], show_progress=False)
+    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
+                            unk_token=EOS, pad_token=EOS)
+    return tok
+
+
+def tiny_clip_config(vocab_size: int, eos_token_id: int, image_size: int = 32, patch_size: int = 8,
+                     projection_dim: int = 16, hidden: int = 32, layers: int = 2, heads: int = 2,
+                     max_positions: int = 77):
+    """A CLIPConfig a few hundred kB in size (random weights when instantiated)."""
+    from transformers import CLIPConfig
+
+    text = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_positions,
+                eos_token_id=eos_token_id, bos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, image_size=image_size, patch_size=patch_size)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+
+
+def save_tiny_clip_judge(out_dir: str | Path, tokenizer=None, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a tiny random transformers CLIP judge folder (model + tokenizer + image processor)."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    out_dir = Path(out_dir)
+    tokenizer = tokenizer or build_tokenizer()
+    torch.manual_seed(seed)
+    model = CLIPModel(tiny_clip_config(len(tokenizer), tokenizer.eos_token_id, image_size=image_size)).eval()
+    model.save_pretrained(out_dir)
+    tokenizer.model_max_length = 77
+    tokenizer.save_pretrained(out_dir)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_open_clip(seed: int = 0, embed_dim: int = 16, image_size: int = 32):
+    """A tiny random open_clip CLIP model (uses open_clip's bundled BPE, no download)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=embed_dim,
+        vision_cfg={"image_size": image_size, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    )
+    return model.eval()
+
+
+def random_images(n: int, size: int = 40, seed: int = 0) -> list[Image.Image]:
+    """n random RGB PIL images."""
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
