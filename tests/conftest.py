@@ -35,3 +35,16 @@ def tiny_clip_judge_dir(tmp_path_factory, tokenizer):
 def tiny_open_clip_model():
     """A tiny random open_clip CLIP model."""
     return tiny.tiny_open_clip()
+
+
+@pytest.fixture(scope="session")
+def tiny_clipcap(tokenizer):
+    """(model, processor): a tiny random ClipCap captioner (MLP mapper, 4 prefix tokens), eval mode.
+    Session-scoped: do not modify it in place (build your own with tests.tiny.build_tiny_clipcap)."""
+    return tiny.build_tiny_clipcap(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_clipcap_dir(tmp_path_factory, tokenizer):
+    """Folder of a saved tiny ClipCap (weights, config with auto_map, code files, processor)."""
+    return tiny.save_tiny_clipcap(tmp_path_factory.mktemp("clipcap"), tokenizer)

@@ -94,3 +94,42 @@ def random_images(n: int, size: int = 40, seed: int = 0) -> list[Image.Image]:
     """n random RGB PIL images."""
     g = torch.Generator().manual_seed(seed)
     return [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def tiny_clipcap_config(tokenizer, prefix_length: int = 4, mapping_type: str = "mlp", image_size: int = 32, **kw):
+    """A ClipCapConfig with a tiny CLIP vision tower and a tiny GPT-2 over `tokenizer`."""
+    from modeling_clipcap import ClipCapConfig, caption_stop_token_ids
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=8, projection_dim=16)
+    eos = tokenizer.eos_token_id
+    text = dict(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    kw.setdefault("stop_token_ids", caption_stop_token_ids(tokenizer))
+    if mapping_type == "transformer":
+        kw.setdefault("mapper_num_layers", 2)
+        kw.setdefault("mapper_num_heads", 2)
+        kw.setdefault("clip_length", 3)
+    return ClipCapConfig(vision_config=vision, text_config=text, prefix_length=prefix_length,
+                         mapping_type=mapping_type, **kw)
+
+
+def build_tiny_clipcap(tokenizer, seed: int = 0, image_size: int = 32, **kw):
+    """(model, processor): a tiny random ClipCapForCaptioning in eval mode and its processor."""
+    from transformers import CLIPImageProcessor
+
+    from modeling_clipcap import ClipCapForCaptioning, ClipCapProcessor
+
+    torch.manual_seed(seed)
+    model = ClipCapForCaptioning(tiny_clipcap_config(tokenizer, image_size=image_size, **kw)).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    return model, ClipCapProcessor(image_processor, tokenizer)
+
+
+def save_tiny_clipcap(out_dir: str | Path, tokenizer=None, seed: int = 0, **kw) -> Path:
+    """Save a tiny random ClipCap (model + processor, with remote code) to `out_dir`."""
+    model, processor = build_tiny_clipcap(tokenizer or build_tokenizer(), seed=seed, **kw)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
