@@ -133,3 +133,15 @@ def save_tiny_clipcap(out_dir: str | Path, tokenizer=None, seed: int = 0, **kw) 
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def caption_dataset(n: int = 24, seed: int = 0, first_id: int = 1000, image_size: int = 40):
+    """A COCO-format `datasets.Dataset` (cocoid, image, captions) of n random images, 2 captions each."""
+    import datasets
+
+    rng = random.Random(seed)
+    corpus = caption_corpus(seed=seed)
+    rows = {"cocoid": list(range(first_id, first_id + n)),
+            "image": random_images(n, size=image_size, seed=seed),
+            "captions": [rng.sample(corpus, 2) for _ in range(n)]}
+    return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
