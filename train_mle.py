@@ -51,7 +51,7 @@ class MLETrainingArguments(TrainingArguments):
     logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=2000, metadata={"help": "Checkpoint every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
-    report_to: str | list[str] | None = field(default="tensorboard", metadata={"help": "Logging integrations."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations."})
 
 
 def build_model(args: MLEArguments) -> tuple[ClipCapForCaptioning, ClipCapProcessor]:

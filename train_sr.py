@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = SRTrainer(model, rewards, args=config, train_dataset=train, eval_dataset=evaluation,
                         processing_class=processor, train_bags=train_bags, eval_bags=eval_bags, eval_judge=eval_judge)
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_state()  # trainer_state.json: log history, steps, best checkpoint
     final = trainer.accelerator.unwrap_model(trainer.model)
     if script_args.merge_lora and hasattr(final, "merge_and_unload"):
         final = final.merge_and_unload()

@@ -100,7 +100,7 @@ class SRConfig(TrainingArguments):
     per_device_train_batch_size: int = field(default=100, metadata={"help": "Images per batch and device."})
     per_device_eval_batch_size: int = field(default=100, metadata={"help": "Images per evaluation batch."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
-    report_to: str | list[str] | None = field(default="tensorboard", metadata={"help": "Logging integrations."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep every dataset column: reward functions receive them."}
     )
