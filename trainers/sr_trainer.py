@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -191,25 +192,29 @@ class SRTrainer(Trainer):
         k = self.args.num_generations
         pixel_values = inputs["pixel_values"].to(device)
         columns = {key: value for key, value in inputs.items() if key != "pixel_values"}
+        start = time.perf_counter()
         with torch.no_grad():
             vision = {"image_embeds": unwrapped.get_image_embeds(pixel_values)}  # (B, clip_dim)
             sample_kwargs = dict(do_sample=True, temperature=self.args.temperature, top_k=self.args.top_k or None,
                                  top_p=1.0, num_beams=1, num_return_sequences=k, max_new_tokens=self.max_new_tokens)
             ids = unwrapped.generate(**vision, **sample_kwargs)  # (B*k, T)
+            greedy_ids = None
+            if isinstance(self.baseline, GreedyBaseline):
+                greedy_ids = unwrapped.generate(**vision, do_sample=False, num_beams=1,
+                                                max_new_tokens=self.max_new_tokens)
+        generated = time.perf_counter()
         mask = completion_mask(ids, self.stop_ids)
         captions = self.processing_class.batch_decode(ids)
         repeated = {key: [v for v in value for _ in range(k)] for key, value in columns.items()}
         rewards_per_func = self._score(captions, ids, repeated)  # (B*k, F)
         rewards = self._combine(rewards_per_func)  # (B*k,)
-
-        if isinstance(self.baseline, GreedyBaseline):
-            with torch.no_grad():
-                greedy_ids = unwrapped.generate(**vision, do_sample=False, num_beams=1,
-                                                max_new_tokens=self.max_new_tokens)
+        if greedy_ids is not None:
             greedy = self._combine(self._score(self.processing_class.batch_decode(greedy_ids), greedy_ids, columns))
             baseline = self.baseline(rewards, greedy)
         else:
             baseline = self.baseline(rewards)
+        self._log_metric("timing/generate_s", generated - start)
+        self._log_metric("timing/reward_s", time.perf_counter() - generated)
         valid = torch.isfinite(rewards) & torch.isfinite(baseline)
         invalid_rewards = torch.isfinite(rewards_per_func).logical_or(torch.isnan(rewards_per_func)).logical_not()
         if invalid_rewards.any():
@@ -270,6 +275,7 @@ class SRTrainer(Trainer):
         process (no update from this micro-batch) with a warning and a counter."""
         model.train()
         inputs = self._prepare_inputs(inputs)
+        start = time.perf_counter()
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0
@@ -280,6 +286,7 @@ class SRTrainer(Trainer):
             return torch.zeros((), device=self.args.device)
         loss = loss / self.current_gradient_accumulation_steps
         self.accelerator.backward(loss)
+        self._log_metric("timing/logprob_fwd_bwd_s", time.perf_counter() - start)
         return loss.detach()
 
     # -- evaluation ----------------------------------------------------------------------------
