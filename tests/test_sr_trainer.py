@@ -320,3 +320,17 @@ def test_evaluate_reports_bag_r1_and_cider(tmp_path, tokenizer, sr_data, judge):
                for b in (0, 3, 6) for i in range(b, b + 3)]
     assert metrics["eval_r1"] == pytest.approx(100 * sum(map(bool, correct)) / 9, abs=1e-6)
     assert 0 <= metrics["eval_cider"] and metrics["eval_mean_words"] > 0
+
+
+def test_periodic_evaluation_selects_the_best_checkpoint(tmp_path, tokenizer, sr_data, judge):
+    model, processor = tiny.build_tiny_clipcap(tokenizer)
+    args = sr_config(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                     metric_for_best_model="eval_r1", greater_is_better=True, load_best_model_at_end=True)
+    trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=args, train_dataset=sr_data,
+                        eval_dataset=sr_data.select(range(9)), eval_bags=bags_of(3, 9), processing_class=processor)
+    trainer.train()
+    evals = {h["step"]: h["eval_r1"] for h in trainer.state.log_history if "eval_r1" in h}
+    assert sorted(evals) == [2, 4]
+    best_step = max(evals, key=lambda s: (evals[s], -s))  # ties keep the earlier checkpoint
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    assert trainer.state.best_metric == pytest.approx(evals[best_step])
