@@ -5,7 +5,8 @@ The mapper is trained from scratch, CLIP stays frozen and GPT-2 is fine-tuned; e
 1k warm-up steps, 30k steps.
 
     python train_mle.py --dataset coco_karpathy/ --caption_column captions --output_dir mle-coco
-    accelerate launch train_mle.py --dataset holisticcap/ --caption_column holisticcap --output_dir mle-holistic
+    accelerate launch train_mle.py --dataset coco_karpathy/ --captions_from holisticcap/ \
+        --caption_column holisticcap --output_dir mle-holistic
 
 Start from pretrained parts (`--clip openai/clip-vit-base-patch32 --gpt2 gpt2`, the default) or
 from an existing ClipCap folder (`--model DIR`). Any `TrainingArguments` flag works
@@ -22,13 +23,16 @@ from transformers import AutoProcessor, CLIPImageProcessor, GPT2TokenizerFast, H
 
 import modeling_clipcap  # noqa: F401  (registers the Auto classes)
 from modeling_clipcap import ClipCapForCaptioning, ClipCapProcessor, caption_stop_token_ids
-from trainers import CaptionCollator, CaptionPairs
+from trainers import CaptionCollator, CaptionPairs, join_caption_columns
 
 
 @dataclass
 class MLEArguments:
     dataset: str = field(metadata={"help": "COCO-format dataset folder (datasets_scripts.coco) or Hub id."})
     caption_column: str = field(default="captions", metadata={"help": "captions | blendcap | holisticcap | ..."})
+    captions_from: str | None = field(
+        default=None, metadata={"help": "Dataset with extra caption columns joined by cocoid (e.g. the HolisticCap export)."}
+    )
     train_split: str = field(default="train", metadata={"help": "Split(s) to train on, e.g. 'train'."})
     eval_split: str | None = field(default=None, metadata={"help": "Split for eval_loss (e.g. 'val'); none by default."})
     model: str | None = field(default=None, metadata={"help": "Start from this ClipCap folder instead of --clip/--gpt2."})
@@ -71,9 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
     from datasets_scripts.coco import concat_splits, load_coco
 
     data = load_coco(script_args.dataset)
-    train = CaptionPairs(concat_splits(data, script_args.train_split), script_args.caption_column)
-    evaluation = (CaptionPairs(concat_splits(data, script_args.eval_split), script_args.caption_column)
-                  if script_args.eval_split else None)
+
+    def pairs(split: str) -> CaptionPairs:
+        rows = concat_splits(data, split)
+        if script_args.captions_from:
+            rows = join_caption_columns(rows, script_args.captions_from)
+        return CaptionPairs(rows, script_args.caption_column)
+
+    train = pairs(script_args.train_split)
+    evaluation = pairs(script_args.eval_split) if script_args.eval_split else None
     model, processor = build_model(script_args)
     trainer = Trainer(
         model=model,

@@ -26,7 +26,7 @@ from transformers import AutoProcessor, HfArgumentParser
 import modeling_clipcap  # noqa: F401  (registers the Auto classes)
 from metrics.clip_judge import ClipJudge
 from modeling_clipcap import ClipCapForCaptioning
-from trainers import CiderReward, SelfRetrievalReward, SRConfig, SRTrainer, bags_from_cocoids
+from trainers import CiderReward, SelfRetrievalReward, SRConfig, SRTrainer, bags_from_cocoids, join_caption_columns
 
 
 @dataclass
@@ -47,6 +47,9 @@ class SRScriptArguments:
     sr_temperature: float = field(default=1.0, metadata={"help": "Divides the cosine similarities in Eq. 1."})
     id_column: str = field(default="cocoid", metadata={"help": "Image id column."})
     references_column: str = field(default="captions", metadata={"help": "References for CIDEr."})
+    captions_from: str | None = field(
+        default=None, metadata={"help": "Dataset with extra caption columns joined by cocoid (e.g. HolisticCap)."}
+    )
     merge_lora: bool = field(default=True, metadata={"help": "Merge LoRA into the saved final model."})
 
 
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_coco(script_args.dataset)
     train = concat_splits(data, script_args.train_split)
     evaluation = concat_splits(data, script_args.eval_split) if script_args.eval_split else None
+    if script_args.captions_from:
+        train = join_caption_columns(train, script_args.captions_from, script_args.id_column)
     train_bags = {}
     for path in script_args.bags:
         size, bags = read_bag_file(path)

@@ -107,3 +107,24 @@ def test_accelerate_launch_train_sr_end_to_end_on_two_processes(tmp_path, coco_d
     model = AutoModel.from_pretrained(out, trust_remote_code=True)  # LoRA merged: a plain ClipCap
     assert type(model).__name__ == "ClipCapForCaptioning"
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_holisticcap_export_joins_onto_the_image_dataset(tmp_path, coco_dir, tokenizer):
+    """The VCB export (captions only) joins onto the COCO images by cocoid for MLE/SR training."""
+    from datasets_scripts.vcb.__main__ import main as vcb
+    from trainers import join_caption_columns
+
+    assert vcb(["run", "--dataset", str(coco_dir), "--split", "train", "--out", str(tmp_path / "vcb"),
+                "--backend", "echo", "--limit", "20"]) == 0
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert vcb(["export", "--run-dir", str(tmp_path / "vcb"), "--dataset", str(coco_dir), "--allow-partial",
+                "--tokenizer", str(tmp_path / "tokenizer"), "--out", str(tmp_path / "holistic")]) == 0
+    images = datasets.load_from_disk(coco_dir)["train"]
+    joined = join_caption_columns(images, tmp_path / "holistic")
+    exported = {r["cocoid"]: r["holisticcap"] for r in
+                datasets.load_dataset("parquet", data_files=sorted(map(str, (tmp_path / "holistic").rglob("*.parquet"))),
+                                      split="train")}
+    assert len(exported) == 20
+    for row in joined:
+        assert row["holisticcap"] == exported.get(row["cocoid"])  # None for the 4 images left out
+    assert len(CaptionPairs(joined, "holisticcap")) == sum(1 for v in exported.values() if v)

@@ -3,7 +3,7 @@ REINFORCE fine-tuning with `SRTrainer` (NDLB Sec. 4)."""
 
 from .bags import BagBatchSampler, BagCollator, BagCurriculumCallback, bags_from_cocoids, parse_bag_schedule
 from .baselines import GreedyBaseline, LeaveOneOutBaseline, MeanBaseline, build_baseline
-from .data import CaptionCollator, CaptionPairs
+from .data import CaptionCollator, CaptionPairs, join_caption_columns
 from .lora import sr_lora_config
 from .rewards import CiderReward, SelfRetrievalReward
 from .sr_config import SRConfig
@@ -24,6 +24,7 @@ __all__ = [
     "SelfRetrievalReward",
     "bags_from_cocoids",
     "build_baseline",
+    "join_caption_columns",
     "completion_mask",
     "parse_bag_schedule",
     "sr_lora_config",

@@ -57,4 +57,37 @@ class CaptionCollator:
         return dict(self.processor(images=images, text=[e["caption"] for e in examples], max_length=self.max_length))
 
 
-__all__ = ["CaptionCollator", "CaptionPairs"]
+def join_caption_columns(dataset, source, id_column: str = "cocoid"):
+    """Add the caption columns of another dataset (e.g. the HolisticCap export: ``blendcap``,
+    ``visualcap``, ``holisticcap``) to `dataset`, matched by `id_column`.
+
+    Args:
+        dataset: the image dataset (COCO format) to extend.
+        source: a dataset folder or Hub id readable by ``datasets_scripts.coco.load_coco`` (all
+            its splits are searched), or a ``datasets.Dataset``.
+
+    Images without an entry get ``None`` (skipped by :class:`CaptionPairs`); how many is logged.
+    """
+    import datasets
+    from transformers.utils import logging
+
+    from datasets_scripts.coco import load_coco
+
+    if not isinstance(source, datasets.Dataset):
+        source = datasets.concatenate_datasets(list(load_coco(source).values()))
+    if id_column not in source.column_names:
+        raise KeyError(f"the caption source has no {id_column!r} column (columns: {source.column_names})")
+    skip = {id_column, "split", "image", *dataset.column_names}
+    columns = [c for c in source.column_names if c not in skip]
+    row_of = {key: row for row, key in enumerate(source[id_column])}
+    rows = [row_of.get(key) for key in dataset[id_column]]
+    missing = sum(r is None for r in rows)
+    if missing:
+        logging.get_logger(__name__).warning("%d of %d images have no entry in the caption source", missing, len(rows))
+    for column in columns:
+        values = source[column]
+        dataset = dataset.add_column(column, [None if r is None else values[r] for r in rows])
+    return dataset
+
+
+__all__ = ["CaptionCollator", "CaptionPairs", "join_caption_columns"]
