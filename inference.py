@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import io
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -59,26 +58,13 @@ def expand_sources(sources: list[str]) -> tuple[list[str], list[Failure]]:
     return list(dict.fromkeys(found)), failures
 
 
-def load_image(source: str, timeout: float) -> Image.Image:
-    """Open a local file or download an http(s) URL; the image is fully decoded here."""
-    if source.startswith(("http://", "https://")):
-        import httpx
-
-        response = httpx.get(source, timeout=timeout, follow_redirects=True)
-        response.raise_for_status()
-        image = Image.open(io.BytesIO(response.content))
-    else:
-        image = Image.open(source)
-    image.load()
-    return image
-
-
 def try_load(source: str, timeout: float) -> Image.Image | Failure:
+    """The decoded image (a local file or an http(s) URL), or a Failure naming what went wrong."""
+    from modeling_clipcap.pipeline_clipcap import open_image
+
     try:
-        return load_image(source, timeout)
-    except (OSError, UnidentifiedImageError, ValueError) as error:  # PIL errors are OSError subclasses
-        return Failure(source, f"{type(error).__name__}: {error}")
-    except Exception as error:  # network errors (httpx) and anything PIL raises on corrupt data
+        return open_image(source, timeout=timeout)
+    except Exception as error:  # PIL (corrupt/unknown data), OSError, httpx network and HTTP errors
         return Failure(source, f"{type(error).__name__}: {error}")
 
 

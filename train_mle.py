@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import AutoProcessor, CLIPImageProcessor, GPT2TokenizerFast, HfArgumentParser, Trainer, TrainingArguments
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
+        Path(training_args.output_dir, "training_args.json").write_text(training_args.to_json_string())
     metrics = dict(result.metrics)
     if evaluation is not None:
         metrics.update(trainer.evaluate())

@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         final.save_pretrained(config.output_dir)
         processor.save_pretrained(config.output_dir)
+        Path(config.output_dir, "training_args.json").write_text(config.to_json_string())  # readable, no pickle
     return dict(result.metrics)
 
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from .configuration_clipcap import ClipCapConfig
 from .modeling_clipcap import ClipCapForCaptioning, ClipCapPreTrainedModel, default_generation_config
+from .pipeline_clipcap import ClipCapCaptioningPipeline, register_clipcap_pipeline
 from .processing_clipcap import ClipCapProcessor, caption_stop_token_ids, to_rgb
 
 AutoConfig.register(ClipCapConfig.model_type, ClipCapConfig, exist_ok=True)
@@ -20,8 +21,10 @@ AutoProcessor.register(ClipCapConfig, ClipCapProcessor, exist_ok=True)
 ClipCapConfig.register_for_auto_class()
 ClipCapForCaptioning.register_for_auto_class("AutoModel")
 ClipCapProcessor.register_for_auto_class("AutoProcessor")
+register_clipcap_pipeline()  # pipeline("image-to-text", model=...) in this repository
 
 __all__ = [
+    "ClipCapCaptioningPipeline",
     "ClipCapConfig",
     "ClipCapForCaptioning",
     "ClipCapPreTrainedModel",

@@ -26,6 +26,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_clipcap import ClipCapConfig
+from .pipeline_clipcap import custom_pipelines_entry
 
 
 class ClipCapMLPMapper(nn.Module):
@@ -177,6 +178,8 @@ class ClipCapForCaptioning(ClipCapPreTrainedModel, GenerationMixin):
             self.vision_model.requires_grad_(False)
         self.post_init()
         self.generation_config = default_generation_config(config)
+        # saved folders carry the "image-to-text" pipeline (pipeline_clipcap.py travels as remote code)
+        self.config.custom_pipelines = custom_pipelines_entry()
 
     @classmethod
     def from_clip_gpt2_pretrained(

@@ -256,26 +256,36 @@ model = AutoModel.from_pretrained(folder, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 assert "modeling_clipcap" not in sys.modules, "the repo package must not be importable here"
 pixel_values = torch.load(pixels, weights_only=True)
+from transformers import pipeline
+from PIL import Image
+captioner = pipeline("image-to-text", model=folder, trust_remote_code=True)
+images = [Image.open(p) for p in sys.argv[3:]]
 print(json.dumps({"captions": processor.batch_decode(model.generate(pixel_values=pixel_values, max_new_tokens=12)),
+                  "pipeline": [out[0]["generated_text"] for out in captioner(images, max_new_tokens=12)],
                   "module": type(model).__module__}))
 """
 
 
 def test_fresh_process_remote_code_gives_identical_captions(tiny_clipcap_dir, tmp_path, tokenizer):
     model, processor = tiny.build_tiny_clipcap(tokenizer)
-    pixel_values = processor(images=tiny.random_images(3, seed=11))["pixel_values"]
+    images = tiny.random_images(3, seed=11)
+    paths = [str(tmp_path / f"{i}.png") for i in range(3)]
+    for image, path in zip(images, paths):
+        image.save(path)
+    pixel_values = processor(images=images)["pixel_values"]
     expected = processor.batch_decode(model.generate(pixel_values=pixel_values, max_new_tokens=12))
     torch.save(pixel_values, tmp_path / "pixels.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tiny_clipcap_dir), str(tmp_path / "pixels.pt")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tiny_clipcap_dir), str(tmp_path / "pixels.pt"),
+                          *paths], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["module"].startswith("transformers_modules.")
     assert result["captions"] == expected
+    assert result["pipeline"] == expected  # pipeline("image-to-text") gives generate's captions
     # without trust_remote_code, loading is refused
     refuse = FRESH_PROCESS.replace(", trust_remote_code=True", "")
-    run = subprocess.run([sys.executable, "-c", refuse, str(tiny_clipcap_dir), str(tmp_path / "pixels.pt")],
+    run = subprocess.run([sys.executable, "-c", refuse, str(tiny_clipcap_dir), str(tmp_path / "pixels.pt"), *paths],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
