@@ -330,10 +330,10 @@ class SRTrainer(Trainer):
                 correct.append(retrieval_scores(sim, torch.arange(len(bag)))[1])
             metrics[f"{metric_key_prefix}_r1"] = 100.0 * torch.cat(correct).float().mean().item()
         if "captions" in dataset.column_names:
-            from metrics.cider import CiderD
+            from metrics.cider import cider_d
 
             references = [list(r) for r in dataset["captions"]]
-            metrics[f"{metric_key_prefix}_cider"] = float(CiderD(references).score(captions, references)[0])
+            metrics[f"{metric_key_prefix}_cider"] = float(cider_d(captions, references)[0])  # DF from these refs
         metrics[f"{metric_key_prefix}_mean_words"] = sum(len(c.split()) for c in captions) / max(1, len(captions))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
