@@ -364,7 +364,7 @@ def multimodal_embeddings(dataset, judge, *, cache_dir: str | os.PathLike | None
     if cache_dir is not None:
         from datasets_scripts.coco import fingerprint_ids
 
-        key = hashlib.sha256(json.dumps([judge.name, fingerprint_ids(ids), _captions_hash(dataset, captions_column),
+        key = hashlib.sha256(json.dumps([getattr(judge, "cache_key", judge.name), fingerprint_ids(ids), _captions_hash(dataset, captions_column),
                                          chunk_size]).encode()).hexdigest()[:16]
         folder = Path(cache_dir) / f"mm-{key}"
         folder.mkdir(parents=True, exist_ok=True)
