@@ -246,12 +246,22 @@ def vocabulary_stats(captions: list[str]) -> dict[str, float]:
 
 def nlg_scores(candidates: list[str], references: list[list[str]]) -> dict[str, float]:
     """Corpus CIDEr-D (document frequencies from these references, as pycocoevalcap does) and
-    BLEU-1..4 on PTB-tokenised captions, via metrics/cider.py and metrics/bleu.py."""
+    BLEU-1..4 on PTB-tokenised captions, via metrics/cider.py and metrics/bleu.py.
+
+    The captions are tokenised once for both metrics, as pycocoevalcap does: all references in
+    order in one call, then all candidates in another."""
+    from itertools import accumulate
+
     from metrics.bleu import bleu
     from metrics.cider import cider_d
+    from metrics.ptb_tokenizer import ptb_tokenize
 
-    cider, _ = cider_d(candidates, references)
-    b, _ = bleu(candidates, references)
+    flat = ptb_tokenize([r for refs in references for r in refs])
+    ends = list(accumulate(len(refs) for refs in references))
+    tokenized_refs = [flat[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+    tokenized = ptb_tokenize(candidates)
+    cider, _ = cider_d(tokenized, tokenized_refs, tokenize=False)
+    b, _ = bleu(tokenized, tokenized_refs, tokenize=False)
     return {"cider": float(cider), **{f"bleu_{n + 1}": float(v) for n, v in enumerate(b)}}
 
 

@@ -22,11 +22,15 @@ once: ``CiderD(train_refs)``, then ``score(samples, ids=image_ids)`` each step) 
 metric (Sec. 4.2; the CIDEr columns of Tables 3-5 and 7; document frequencies from the evaluated
 set's references, as pycocoevalcap does: :func:`cider_d`).
 
-Implementation: words and n-grams get exact integer ids (:func:`index_ngrams`; an n-gram id is
-built from the id of its (n-1)-gram prefix and its last word, so there are no hash collisions),
-TF-IDF vectors are ``scipy.sparse`` rows, and the clipped similarities of all (candidate,
-reference) pairs are computed at once. ``tests/test_cider.py`` checks every per-caption score
-against pycocoevalcap to 1e-12.
+Implementation: words and n-grams get exact integer ids (an n-gram id is built from the id of its
+(n-1)-gram prefix and its last word, so there are no hash collisions), and everything is computed
+with numpy on all captions at once. :func:`cider_d` (document frequencies from the evaluated
+references) sorts the n-gram occurrences of each order once, with the captions laid out image by
+image, and reads document frequencies, TF-IDF weights, norms and clipped products off runs of that
+sorted array (:func:`_grouped_cider_d`). :class:`CiderD` (a fixed document-frequency corpus, e.g.
+for an RL reward) keeps an index of the corpus n-grams (:func:`index_ngrams`) and ``scipy.sparse``
+TF-IDF rows. ``tests/test_cider.py`` checks every per-caption score of both against pycocoevalcap
+to 1e-12.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = ["CiderD", "NgramIndex", "cider_d", "index_ngrams", "prepare_pairs", "
 
 Candidates = Sequence[str] | Mapping[Hashable, "str | Sequence[str]"]
 References = Sequence[Sequence[str]] | Mapping[Hashable, Sequence[str]]
+_PACK_LIMIT = 2**62  # a sort key and a position are packed in one int64 when key * span stays below this
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,9 +79,10 @@ def prepare_pairs(
         raise TypeError("candidates must be a list of captions (or a mapping id -> caption), not one string")
     else:
         keys, cands = None, list(candidates)
-        for i, c in enumerate(cands):
-            if not isinstance(c, str):
-                raise TypeError(f"candidate {i}: expected a string, got {type(c).__name__}")
+        if not set(map(type, cands)) <= {str}:  # (a fast check first; str subclasses are fine too)
+            for i, c in enumerate(cands):
+                if not isinstance(c, str):
+                    raise TypeError(f"candidate {i}: expected a string, got {type(c).__name__}")
     if references is None:
         return keys, cands, None
     if isinstance(references, Mapping):
@@ -85,17 +91,19 @@ def prepare_pairs(
         missing = [k for k in keys if k not in references]
         if missing:
             raise KeyError(f"no references for candidate ids {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
-        refs = [list(references[k]) for k in keys]
+        given = [references[k] for k in keys]
     else:
-        refs = [list(r) for r in references]
-        if len(refs) != len(cands):
-            raise ValueError(f"{len(cands)} candidates but {len(refs)} reference lists; they must be aligned")
-    for i, r in enumerate(refs):
-        name = keys[i] if keys is not None else i
-        if not r:
-            raise ValueError(f"candidate {name!r} has no references")
-        if isinstance(r, str) or not all(isinstance(x, str) for x in r):
-            raise TypeError(f"references of candidate {name!r} must be a list of strings")
+        given = list(references)
+        if len(given) != len(cands):
+            raise ValueError(f"{len(cands)} candidates but {len(given)} reference lists; they must be aligned")
+    refs = [r if type(r) is list else list(r) for r in given]
+    if str in set(map(type, given)) or not all(refs) or not set(map(type, chain.from_iterable(refs))) <= {str}:
+        for i, (raw, r) in enumerate(zip(given, refs)):
+            name = keys[i] if keys is not None else i
+            if isinstance(raw, str) or not all(isinstance(x, str) for x in r):
+                raise TypeError(f"references of candidate {name!r} must be a list of strings")
+            if not r:
+                raise ValueError(f"candidate {name!r} has no references")
     return keys, cands, refs
 
 
@@ -194,7 +202,7 @@ class NgramIndex:
 def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(values, return_inverse=True)`` for non-negative int64 keys, without its overheads."""
     n = len(values)
-    if n and int(values.max()) < (2**62) // n:  # sort (key, position) packed in one int64: faster than argsort
+    if n and int(values.max()) < _PACK_LIMIT // n:  # sort (key, position) packed in one int64: faster than argsort
         packed = np.sort(values * n + np.arange(n))
         ordered = packed // n
         perm = packed - ordered * n
@@ -419,15 +427,155 @@ class CiderD:
         denominator = cand.norms[pair_cand] * ref.norms[pair_ref]
         nonzero = (cand.norms[pair_cand] != 0) & (ref.norms[pair_ref] != 0)
         val = np.where(nonzero, val / np.where(nonzero, denominator, 1.0), val)
-        # gaussian length penalty, with pycocoevalcap's own expression for each distinct delta
-        delta, inverse = np.unique(cand.lengths[pair_cand] - ref.lengths[pair_ref], return_inverse=True)
-        penalty = np.array([np.e ** (-(float(d) ** 2) / (2 * self.sigma**2)) for d in delta.tolist()])
-        val = val * penalty[inverse][:, None]
-        # sum over each candidate's references (in order, like `score += sim(...)`), mean over n
-        n_cands = len(n_refs)
-        summed = np.stack([np.bincount(pair_cand, weights=val[:, k], minlength=n_cands) for k in range(self.n)], 1)
-        scores = summed.mean(axis=1) / n_refs * 10.0
-        return (float(np.mean(scores)) if n_cands else 0.0), scores
+        return _average(val, cand.lengths[pair_cand] - ref.lengths[pair_ref], pair_cand, n_refs, self.sigma)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIDEr-D with document frequencies from the evaluated references (pycocoevalcap's setting)
+# ----------------------------------------------------------------------------------------------
+def _word_ids(captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Exact ids of the white-space separated words of all captions.
+
+    Returns (word id of every word, captions in order, int64), (words per caption) and the number
+    of distinct words. The captions are split in one ``str.split`` of their concatenation, with a
+    separator word that no caption contains (``"\\x00"``; otherwise each caption is split on its own).
+    """
+    n_caps = len(captions)
+    if not n_caps:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    joined = " \x00 ".join(captions)
+    if joined.count("\x00") == n_caps - 1:
+        words = joined.split()
+        words.append("\x00")
+        lengths = None
+    else:
+        per_caption = [c.split() for c in captions]
+        words = list(chain.from_iterable(per_caption))
+        lengths = np.fromiter(map(len, per_caption), np.int64, n_caps)
+    distinct = dict.fromkeys(words)
+    ids_of = dict(zip(distinct, range(len(distinct))))
+    ids = np.fromiter(map(ids_of.__getitem__, words), np.int64, len(words))
+    if lengths is not None:
+        return ids, lengths, len(ids_of)
+    separator = ids_of["\x00"]
+    is_separator = ids == separator
+    lengths = np.diff(np.flatnonzero(is_separator), prepend=-1) - 1
+    ids = ids[~is_separator]
+    ids -= ids > separator  # dense ids without the separator
+    return ids, lengths, len(ids_of) - 1
+
+
+def _grouped_cider_d(cands: list[str], refs: list[list[str]], n: int, sigma: float) -> tuple[float, np.ndarray]:
+    """CIDEr-D of ``cands[i]`` against ``refs[i]``, document frequencies from all of ``refs``.
+
+    Every quantity of CIDEr-D is computed order by order, so no global n-gram index is built. The
+    captions are laid out image by image (candidate, then its references) and, for each order, the
+    n-gram occurrences are sorted once by (n-gram, caption). In that order the occurrences of one
+    n-gram in one image (a "document" plus its candidate) are adjacent, the candidate's first: the
+    document frequencies, the TF-IDF weights, the norms and the clipped products
+    ``min(c_g, r_g) * r_g`` all follow from runs of that one sorted array.
+    """
+    n_images = len(cands)
+    n_refs = np.fromiter(map(len, refs), np.int64, n_images)
+    layout: list[str] = []
+    for cand, image_refs in zip(cands, refs):
+        layout.append(cand)
+        layout.extend(image_refs)
+    sizes = n_refs + 1
+    cand_row = np.cumsum(sizes) - sizes  # row of each image's candidate
+    n_rows = len(layout)
+    image = np.repeat(np.arange(n_images), sizes)
+    is_cand = np.zeros(n_rows, bool)
+    is_cand[cand_row] = True
+    tokens, lengths, n_words = _word_ids(layout)
+    n_tokens = len(tokens)
+    caption = np.repeat(np.arange(n_rows), lengths)
+    left = np.repeat(np.cumsum(lengths), lengths) - np.arange(n_tokens)  # words from here to the caption's end
+    log_documents = np.log(float(n_images))  # pycocoevalcap's ref_len
+    norms = np.zeros((n_rows, n))
+    products = np.zeros((n_rows, n))  # sum over a reference's n-grams of min(c_g, r_g) * r_g
+    level = tokens  # id (within its order) of the n-gram starting at each position
+    for k in range(1, n + 1):
+        starts = np.arange(n_tokens) if k == 1 else np.flatnonzero(left >= k)
+        m = len(starts)
+        if m == 0:
+            break
+        key = tokens if k == 1 else level[starts] * n_words + tokens[starts + (k - 1)]  # (prefix id, last word)
+        # sort the occurrences by (n-gram, position), or by (n-gram, caption) for the last order
+        tag, span = (starts, n_tokens) if k < n else (caption[starts], n_rows)
+        if int(key.max()) < _PACK_LIMIT // span:  # both packed in one int64: a plain sort, faster than argsort
+            packed = np.sort(key * span + tag)
+            ordered = packed // span
+            tag = packed - ordered * span
+        else:
+            perm = np.argsort(key, kind="stable")
+            ordered, tag = key[perm], tag[perm]
+        new_ngram = np.empty(m, bool)
+        new_ngram[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=new_ngram[1:])
+        if k < n:
+            level = np.empty(n_tokens, np.int64)
+            level[tag] = np.cumsum(new_ngram) - 1
+            row = caption[tag]  # ascending within an n-gram, like the positions
+        else:
+            row = tag
+        # distinct (n-gram, caption) entries with their counts
+        entry = new_ngram.copy()
+        np.logical_or(entry[1:], row[1:] != row[:-1], out=entry[1:])
+        at = np.flatnonzero(entry)
+        counts = np.diff(at, append=m).astype(np.float64)
+        e_row, e_new_ngram = row[at], new_ngram[at]
+        e_image = image[e_row]
+        # documents: runs of entries of one n-gram and one image (its candidate's entry first, if any)
+        doc_start = e_new_ngram.copy()
+        np.logical_or(doc_start[1:], e_image[1:] != e_image[:-1], out=doc_start[1:])
+        first = np.flatnonzero(doc_start)
+        doc_size = np.diff(first, append=len(at))
+        doc_has_cand = is_cand[e_row[first]]
+        doc_has_ref = (doc_size > 1) | ~doc_has_cand
+        doc_ngram = np.cumsum(e_new_ngram[first]) - 1
+        n_ngrams = int(doc_ngram[-1]) + 1
+        document_frequency = np.bincount(doc_ngram[doc_has_ref], minlength=n_ngrams)
+        idf = log_documents - np.log(np.maximum(1.0, document_frequency))  # an n-gram only in candidates: df 0
+        ngram_size = np.diff(np.flatnonzero(e_new_ngram), append=len(at))
+        weight = counts * np.repeat(idf, ngram_size)  # tf * idf of each entry
+        norms[:, k - 1] = np.bincount(e_row, weights=weight * weight, minlength=n_rows)
+        # n-grams a reference shares with its candidate: the entries after a candidate's in a document
+        shared = np.flatnonzero(doc_has_cand & (doc_size > 1))
+        n_shared = doc_size[shared] - 1
+        skip = first[shared] + 1 - (np.cumsum(n_shared) - n_shared)
+        ref_entry = np.repeat(skip, n_shared) + np.arange(n_shared.sum())
+        cand_weight, ref_weight = np.repeat(weight[first[shared]], n_shared), weight[ref_entry]
+        products[:, k - 1] = np.bincount(e_row[ref_entry], weights=np.minimum(cand_weight, ref_weight) * ref_weight,
+                                         minlength=n_rows)
+    norms = np.sqrt(norms)
+    ref_rows = np.flatnonzero(~is_cand)
+    pair_image = image[ref_rows]
+    cand_rows = cand_row[pair_image]
+    cand_norm, ref_norm = norms[cand_rows], norms[ref_rows]
+    val = products[ref_rows]
+    nonzero = (cand_norm != 0) & (ref_norm != 0)
+    val = np.where(nonzero, val / np.where(nonzero, cand_norm * ref_norm, 1.0), val)
+    bigrams = np.maximum(lengths - 1, 0)  # pycocoevalcap's "length": the number of bigrams
+    return _average(val, bigrams[cand_rows] - bigrams[ref_rows], pair_image, n_refs, sigma)
+
+
+def _average(val: np.ndarray, delta: np.ndarray, pair_cand: np.ndarray, n_refs: np.ndarray,
+             sigma: float) -> tuple[float, np.ndarray]:
+    """Length penalty of each (candidate, reference) pair, then pycocoevalcap's averages.
+
+    ``val``: (pairs, n) clipped cosines; ``delta``: length differences; ``pair_cand``: the
+    candidate of each pair; ``n_refs``: references per candidate.
+    """
+    # gaussian length penalty, with pycocoevalcap's own expression for each distinct delta
+    distinct, inverse = np.unique(delta, return_inverse=True)
+    penalty = np.array([np.e ** (-(float(d) ** 2) / (2 * sigma**2)) for d in distinct.tolist()])
+    val = val * penalty[inverse][:, None]
+    # sum over each candidate's references (like `score += sim(...)`), mean over n
+    n_cands, n = len(n_refs), val.shape[1]
+    summed = np.stack([np.bincount(pair_cand, weights=val[:, k], minlength=n_cands) for k in range(n)], 1)
+    scores = summed.mean(axis=1) / n_refs * 10.0
+    return (float(np.mean(scores)) if n_cands else 0.0), scores
 
 
 def cider_d(
@@ -450,7 +598,14 @@ def cider_d(
         >>> round(corpus, 4)
         2.4256
     """
-    keys, cands, refs = prepare_pairs(candidates, references)
-    if keys is None:
-        return CiderD(refs, n=n, sigma=sigma, tokenize=tokenize).score(cands)
-    return CiderD(dict(zip(keys, refs)), n=n, sigma=sigma, tokenize=tokenize).score(cands, ids=keys)
+    _, cands, refs = prepare_pairs(candidates, references)
+    if not refs:
+        raise ValueError("the reference corpus is empty")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if tokenize:  # as pycocoevalcap: all references in one stream, then all candidates
+        flat = ptb_tokenize(list(chain.from_iterable(refs)))
+        ends = np.cumsum([len(r) for r in refs]).tolist()
+        refs = [flat[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        cands = ptb_tokenize(cands)
+    return _grouped_cider_d(cands, refs, n, float(sigma))

@@ -154,6 +154,41 @@ def test_large_vocabulary_ids_are_exact():
     assert np.abs(ours - theirs).max() <= TOL and theirs.mean() > 1.0
 
 
+def test_cider_d_paths_agree_on_other_orders_and_awkward_words(monkeypatch):
+    """cider_d's grouped computation vs the independent indexed one of CiderD, and vs pycocoevalcap."""
+    import metrics.cider
+
+    gts, res = _random_data(10, 120, 25)
+    cands, refs = [res[k][0] for k in gts], list(gts.values())
+    for n in (1, 2, 3, 5):  # pycocoevalcap only runs n = 4; the two implementations here take any n
+        expected = CiderD(refs, n=n, tokenize=False).score(cands)[1]
+        assert np.abs(cider_d(cands, refs, n=n, tokenize=False)[1] - expected).max() <= TOL, n
+    # words that contain the separator cider_d uses to split all captions at once
+    odd = {0: ["a\x00b c d", "c a\x00b"], 1: ["\x00 x y", "y"], 2: ["x y z"]}
+    odd_res = {0: ["a\x00b c"], 1: ["x \x00"], 2: ["z y x"]}
+    _, theirs = Cider().compute_score(odd, odd_res)
+    _, ours = cider_d({k: v[0] for k, v in odd_res.items()}, odd, tokenize=False)
+    assert np.abs(ours - theirs).max() <= TOL and theirs.max() > 0
+    # the argsort path taken when (key, position) pairs do not fit one int64
+    _, packed = cider_d(cands, refs, tokenize=False)
+    monkeypatch.setattr(metrics.cider, "_PACK_LIMIT", 1)
+    _, sorted_apart = cider_d(cands, refs, tokenize=False)
+    assert np.abs(sorted_apart - packed).max() <= TOL and packed.max() > 0
+    # no words at all (pycocoevalcap fails there): zeros
+    assert cider_d(["", " "], [[""], ["", "  "]], tokenize=False)[1].tolist() == [0.0, 0.0]
+
+
+def test_invalid_references_are_refused_before_scoring():
+    with pytest.raises(TypeError, match="references of candidate 0 must be a list of strings"):
+        cider_d(["a dog"], ["a dog"])  # a string instead of a list of strings
+    with pytest.raises(TypeError, match="references of candidate 1 must be a list of strings"):
+        cider_d(["a", "b"], [["a"], ["b", 3]])
+    with pytest.raises(TypeError, match="candidate 1: expected a string"):
+        cider_d(["a", None], [["a"], ["b"]])
+    with pytest.raises(ValueError, match="the reference corpus is empty"):
+        cider_d([], [])
+
+
 def test_index_ngrams_counts_and_locate():
     words = [["a", "b", "a", "b", "a"], [], ["c"], ["b", "a", "b", "a", "c", "d"]]
     index = index_ngrams(words, 4)

@@ -6,6 +6,11 @@ The scores are those of the COCO caption evaluation code (pycocoevalcap: Java PT
 NDLB (Gaur et al.) reports BLEU-4 and CIDEr (Sec. 4.2; Tables 3-5 and 7) and uses CIDEr-D as an RL
 reward (Sec. 4.8, App. C.4).
 
+The PTB tokenizer reads the tables of its automaton at run time from the jar that the installed
+``pycocoevalcap`` package ships (``pycocoevalcap==1.2`` is therefore a requirement of this module;
+Java is not): nothing derived from CoreNLP (GPL) is part of this module or of the NDLB repository.
+The ``import pycocoevalcap`` line below makes ``evaluate.load`` name that requirement if it is missing.
+
 One implementation, self-contained folder: ``cider.py``, ``bleu.py``, ``ptb_tokenizer.py`` and
 ``ptb_lexer_tables.py`` in this folder are *symbolic links* to ``../<name>.py`` (git stores them as
 links). This script imports each of them with a relative import at the start of a line
@@ -14,20 +19,24 @@ the files into its module cache (``shutil.copyfile`` follows the links, so the c
 code) and the copies import each other relatively as siblings, exactly as ``metrics/*.py`` do inside
 the ``metrics`` package. ``huggingface_hub.upload_folder`` also follows the links, so a Hub
 repository gets the real files. Nothing is imported from the repository at run time.
-Rules for such a script: put no comment on a relative-import line (evaluate would read it as a
-download URL), and import every sibling file from here (evaluate copies direct imports only).
+Rules for such a script: put no comment on an import line (evaluate would read it as a download URL,
+or as the pip requirement of a library import), and import every sibling file from here (evaluate
+copies direct imports only).
 """
 
 import datasets
 import evaluate
 import numpy as np
+import pycocoevalcap
 
 from .bleu import bleu
-from .cider import CiderD
-from .ptb_lexer_tables import SHA256
+from .cider import CiderD, cider_d
+from .ptb_lexer_tables import load_tables
 from .ptb_tokenizer import ptb_tokenize
 
-_PTB_TABLES_SHA256 = SHA256  # imported above so that evaluate copies the lexer tables next to this script
+# imported above so that evaluate checks for pycocoevalcap (the tokenizer reads its jar) and copies
+# the table loader next to this script
+_REQUIREMENTS = (pycocoevalcap, load_tables)
 
 _CITATION = """\
 @inproceedings{vedantam2015cider,
@@ -114,7 +123,7 @@ class CIDErD(evaluate.Metric):
             references = [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
             predictions = ptb_tokenize(raw_predictions)
         if document_frequency_corpus is None:  # pycocoevalcap: document frequencies from these references
-            corpus, scores = CiderD(references, tokenize=False).score(predictions)
+            corpus, scores = cider_d(predictions, references, tokenize=False)
         else:
             scorer = document_frequency_corpus
             if not hasattr(scorer, "score"):

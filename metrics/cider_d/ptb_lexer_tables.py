@@ -1,0 +1,1 @@
+../ptb_lexer_tables.py

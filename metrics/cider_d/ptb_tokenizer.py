@@ -1,0 +1,1 @@
+../ptb_tokenizer.py
