@@ -5,7 +5,6 @@ export, apply the decisions and check the final TrueMatch folder."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -14,18 +13,10 @@ import pytest
 
 from datasets_scripts import review_bags as rb
 from datasets_scripts import truematch as tm
+from tests.browser import headless_chrome
 from tests.tiny import random_images
 
 N_BAGS, SIZE = 5, 3
-
-
-def chromium_paths() -> tuple[str, str]:
-    browser = shutil.which("chromium") or "/usr/bin/chromium"
-    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    missing = [p for p in (browser, driver) if not Path(p).exists()]
-    # CI (.ci/run) installs them: a missing browser is a broken environment, not a reason to skip
-    assert not missing, f"{missing} not found: install with `apt-get install chromium chromium-driver` (see .ci/run)"
-    return browser, driver
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +40,9 @@ def truematch_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    browser, chromedriver = chromium_paths()
     tmp = tmp_path_factory.mktemp("chromium")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", f"--user-data-dir={tmp / 'profile'}"):
-        opts.add_argument(arg)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(tmp / "downloads"),
-                                           "download.prompt_for_download": False})
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(chromedriver), options=opts)
+    drv = headless_chrome(tmp, prefs={"download.default_directory": str(tmp / "downloads"),
+                                      "download.prompt_for_download": False})
     drv.downloads = tmp / "downloads"
     yield drv
     drv.quit()

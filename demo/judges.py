@@ -1,0 +1,270 @@
+"""Two tiny CLIP judges trained contrastively from scratch on the synthetic world (NDLB Sec. 3 and
+4.1: the paper's judge is CLIP ViT-B/32; here the judges are small enough to train on a CPU).
+
+* Judge A (:func:`build_judge_a`) — a transformers ``CLIPModel`` (ViT with 4 px patches, world
+  BPE tokenizer). It gives the self-retrieval reward (Eq. 1), mines the bags (Alg. 1-2, App. B.2),
+  and its vision tower initialises the captioner's, as ViT-B/32 does for both in the paper.
+* Judge B (:func:`build_judge_b`) — an ``open_clip`` CLIP with a different architecture (ViT with
+  8 px patches and mean pooling, other widths and depth), open_clip's own BPE tokenizer, another
+  seed and another data order. It scores every reported R@1, so that SR is never graded by the
+  judge it optimised (the notes' pitfall 4).
+
+Both are trained with the symmetric InfoNCE loss of CLIP on a 50/50 mix of complete descriptions
+and single sparse references (trained on complete descriptions alone, a judge gives meaningless
+scores to partial captions). Text targets that are identical strings within a batch count as one
+class (the world's short references repeat, e.g. "three shapes on grey."). Each judge is saved
+like any judge and loads with ``metrics.clip_judge.ClipJudge.from_pretrained(folder)``: A as a
+transformers folder (model + tokenizer + image processor), B in open_clip's ``local-dir`` layout
+(``open_clip_config.json`` + ``open_clip_model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "JudgeSpec",
+    "build_judge_a",
+    "build_judge_b",
+    "judge_quality",
+    "pixel_tensor",
+    "train_judge",
+]
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class JudgeSpec:
+    """Size and training recipe of one judge."""
+
+    width: int = 64
+    layers: int = 3
+    heads: int = 4
+    patch_size: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    embed_dim: int = 64
+    context_length: int = 40
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup: int = 40
+    complete_fraction: float = 0.5
+    twin_fraction: float = 0.0
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pixel_tensor(images, image_size: int) -> torch.Tensor:
+    """(N, 3, S, S) CLIP-normalised pixels of PIL images that already have size S (the world's
+    images): what both judges' preprocessing produces for them (checked in the tests)."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])  # (N, S, S, 3)
+    if arr.shape[1:3] != (image_size, image_size):
+        raise ValueError(f"expected {image_size}x{image_size} images, got {arr.shape[1:3]}")
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+# -- the two architectures ------------------------------------------------------------------------
+
+def build_judge_a(tokenizer, spec: JudgeSpec, image_size: int = 32):
+    """A transformers ``CLIPModel`` + its image processor. The vision config repeats
+    ``projection_dim`` so that ``CLIPVisionModelWithProjection.from_pretrained(folder)`` (the
+    captioner's vision tower) loads the judge's projection too."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    eos = tokenizer.eos_token_id
+    text = dict(vocab_size=len(tokenizer), hidden_size=spec.text_width, intermediate_size=4 * spec.text_width,
+                num_hidden_layers=spec.text_layers, num_attention_heads=max(1, spec.text_width // 32),
+                max_position_embeddings=spec.context_length, eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
+    vision = dict(hidden_size=spec.width, intermediate_size=4 * spec.width, num_hidden_layers=spec.layers,
+                  num_attention_heads=spec.heads, image_size=image_size, patch_size=spec.patch_size,
+                  projection_dim=spec.embed_dim)
+    torch.manual_seed(spec.seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec.embed_dim))
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size},
+                                   image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
+    return model, processor
+
+
+def open_clip_model_cfg(spec: JudgeSpec, image_size: int = 32) -> dict[str, Any]:
+    """open_clip ``model_cfg`` of judge B (a ViT with mean pooling; open_clip's default BPE)."""
+    return {
+        "embed_dim": spec.embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": spec.layers, "width": spec.width,
+                       "head_width": spec.width // spec.heads, "patch_size": spec.patch_size, "pool_type": "avg"},
+        "text_cfg": {"context_length": spec.context_length, "vocab_size": 49408, "width": spec.text_width,
+                     "heads": max(1, spec.text_width // 32), "layers": spec.text_layers},
+    }
+
+
+def build_judge_b(spec: JudgeSpec, image_size: int = 32):
+    """An open_clip ``CLIP`` built from :func:`open_clip_model_cfg`, its eval transform and tokenizer."""
+    import open_clip
+
+    cfg = open_clip_model_cfg(spec, image_size)
+    torch.manual_seed(spec.seed)
+    model = open_clip.CLIP(**cfg)
+    preprocess = open_clip.image_transform(image_size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=spec.context_length)
+    return model, preprocess, tokenizer, cfg
+
+
+def save_judge_b(model, cfg: dict[str, Any], out_dir: str | Path, image_size: int = 32) -> Path:
+    """open_clip ``local-dir`` layout: ``open_clip_config.json`` + ``open_clip_model.safetensors``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    config = {"model_cfg": cfg, "preprocess_cfg": {"size": image_size, "mean": list(OPENAI_MEAN),
+                                                   "std": list(OPENAI_STD), "interpolation": "bicubic",
+                                                   "resize_mode": "shortest"}}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+def _encoders(model) -> tuple[Callable, Callable]:
+    """(encode_images(pixels), encode_texts(tokens dict)) returning unnormalised embeddings."""
+    if hasattr(model, "get_image_features"):
+        from metrics.clip_judge import _pooled
+
+        return (lambda px: _pooled(model.get_image_features(pixel_values=px)),
+                lambda tok: _pooled(model.get_text_features(**tok)))
+    return (lambda px: model.encode_image(px), lambda tok: model.encode_text(tok["input_ids"]))
+
+
+def train_judge(model, tokenize: Callable[[list[str]], dict[str, torch.Tensor]], pixels: torch.Tensor,
+                references: list[list[str]], complete: list[str], spec: JudgeSpec,
+                twin_pixels: torch.Tensor | None = None, twin_complete: list[str] | None = None,
+                progress_desc: str = "judge", log: list | None = None) -> list[dict[str, float]]:
+    """Contrastive training (CLIP's symmetric InfoNCE, learned temperature) from scratch.
+
+    Args:
+        model: a transformers ``CLIPModel`` or an open_clip ``CLIP``.
+        tokenize: the judge's own text pipeline (``ClipJudge.tokenize``), texts -> tensors.
+        pixels: (N, 3, S, S) normalised training images.
+        references / complete: the N images' sparse references and complete descriptions.
+        spec: steps, batch size, learning rate, the complete/sparse mix and the seed of the data
+            order.
+        twin_pixels / twin_complete: optional minimal pairs (:func:`demo.world.twin` of each
+            training image and its complete description): a ``spec.twin_fraction`` of every batch
+            is made of (image, twin) pairs described completely, hard negatives that teach the
+            judge to bind attributes to objects.
+
+    Returns:
+        The training log (step, loss, in-batch accuracy, seconds).
+    """
+    from tqdm.auto import tqdm
+
+    n = pixels.shape[0]
+    rng = np.random.default_rng([spec.seed, 7])
+    encode_images, encode_texts = _encoders(model)
+    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
+    no_decay = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in name)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / spec.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.steps))))
+    model.train()
+    log = [] if log is None else log
+    start = time.time()
+    for step in tqdm(range(spec.steps), desc=progress_desc, unit="step"):
+        rows = rng.choice(n, size=min(spec.batch_size, n), replace=False)
+        texts = [complete[r] if rng.random() < spec.complete_fraction else
+                 references[r][rng.integers(len(references[r]))] for r in rows]
+        batch_pixels = pixels[rows]
+        n_twins = int(spec.twin_fraction * len(rows) / 2) if twin_pixels is not None else 0
+        if n_twins:  # the last n_twins rows get their twin in the batch, all described completely
+            pairs = rows[-n_twins:]
+            batch_pixels = torch.cat([batch_pixels[:-n_twins], pixels[pairs], twin_pixels[pairs]])
+            texts = texts[:-n_twins] + [complete[r] for r in pairs] + [twin_complete[r] for r in pairs]
+            rows = np.concatenate([rows[:-n_twins], pairs, pairs])
+        img = F.normalize(encode_images(batch_pixels), dim=-1)  # (B, d)
+        txt = F.normalize(encode_texts(tokenize(texts)), dim=-1)  # (B, d)
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * txt @ img.T  # (B texts, B images)
+        # identical strings in the batch are one class: spread the target over their images
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        target_t2i = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (-(target_t2i * logits.log_softmax(1)).sum(1).mean()
+                      - (target_t2i * logits.T.log_softmax(1)).sum(1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 20 == 0 or step == spec.steps - 1:
+            acc = (logits.argmax(1) == torch.arange(len(rows))).float().mean().item()
+            log.append({"step": step, "loss": loss.item(), "acc": acc, "scale": scale.item(),
+                        "seconds": round(time.time() - start, 1)})
+    model.eval()
+    return log
+
+
+@torch.no_grad()
+def judge_quality(judge, images, references: list[list[str]], complete: list[str], twins=None,
+                  twin_texts: list[str] | None = None, twin_kinds: list[str] | None = None, pool: int = 100,
+                  seed: int = 0) -> dict[str, float]:
+    """How well a trained judge reads the world (held-out images).
+
+    * ``complete_r1`` / ``sparse_r1``: text -> image R@1 of a complete description / one sparse
+      reference among ``pool`` images (its own + random others).
+    * ``twin_acc`` (when ``twins`` are given): the complete description of an image is closer to
+      it than to its twin (the same scene with one attribute changed) — fine-grained binding;
+      ``twin_acc_<kind>`` per changed attribute when ``twin_kinds`` are given.
+    """
+    from metrics.clip_judge import similarity
+
+    def as_input(x):
+        return x if isinstance(x, torch.Tensor) else list(x)
+
+    n = len(images)
+    img = judge.embed_images(as_input(images))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, texts in (("complete_r1", complete), ("sparse_r1", [r[0] for r in references])):
+        txt = judge.embed_texts(list(texts))
+        hits = []
+        for i in range(n):
+            others = rng.choice(np.delete(np.arange(n), i), size=min(pool - 1, n - 1), replace=False)
+            cand = np.concatenate([[i], others])
+            sim = similarity(txt[i : i + 1], img[cand])[0]
+            hits.append(bool(sim[0] > sim[1:].max()))
+        out[name] = float(np.mean(hits))
+    if twins is not None:
+        twin_img = judge.embed_images(as_input(twins))
+        txt = judge.embed_texts(list(complete))
+        own = (txt * img).sum(-1)
+        other = (txt * twin_img).sum(-1)
+        hits = (own > other).float()
+        out["twin_acc"] = float(hits.mean())
+        for kind in sorted(set(twin_kinds or [])):
+            rows = [i for i, k in enumerate(twin_kinds) if k == kind]
+            out[f"twin_acc_{kind}"] = float(hits[rows].mean())
+        if twin_texts is not None:  # and the twin's description is closer to the twin
+            txt2 = judge.embed_texts(list(twin_texts))
+            out["twin_text_acc"] = float(((txt2 * twin_img).sum(-1) > (txt2 * img).sum(-1)).float().mean())
+    return out
+
+
+def spec_dict(spec: JudgeSpec) -> dict[str, Any]:
+    return asdict(spec)
