@@ -3,8 +3,9 @@ forward+backward, and peak memory: SRTrainer vs a naive reference, in the same r
 
 Real-size models with random weights: ClipCap = CLIP ViT-B/32 vision tower + MLP mapper + GPT-2
 124M (vocabulary padded to GPT-2's 50,257 tokens), the judge = CLIP ViT-B/32 (text and vision).
-A batch holds `--bags` bags of `--bag-size` images (default 4 x 5 = 20 images), SR-LV LoRA (rank
-32), sampling at temperature 0.3 up to `--max-new-tokens` (40) tokens.
+A batch holds `--bags` bags of `--bag-size` images (default 4 x 5 = 20 images; `--bags 20` gives
+the paper's batch of 100, peak RSS ~21 GB), SR-LV LoRA (rank 32), sampling at temperature 0.3 up to
+`--max-new-tokens` (40) tokens. Both sides run without dropout and time the optimizer step apart.
 
 - ours: `SRTrainer` — one batched `generate` for the whole batch, judge image embeddings cached
   across steps, captions embedded in one judge call, one teacher-forced forward + backward.
@@ -17,7 +18,7 @@ Each variant runs in its own process (peak RSS = `ru_maxrss` of that process); t
 
     python benchmarks/bench_sr_step.py [--bags 4] [--bag-size 5] [--steps 2]
 
-Writes benchmarks/results/sr_step.json.
+Writes benchmarks/results/sr_step.json (or `--output`; the 20 x 5 run is in sr_step_20x5.json).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +94,7 @@ def run_ours(args) -> dict:
 def run_naive(args) -> dict:
     import torch
     from peft import get_peft_model
+    from trl.trainer.utils import disable_dropout_in_model, selective_log_softmax
 
     from metrics.clip_judge import retrieval_scores, similarity
     from trainers import completion_mask, sr_lora_config
@@ -100,6 +103,7 @@ def run_naive(args) -> dict:
     n = args.bags * args.bag_size
     pictures = images(n)
     model = get_peft_model(model, sr_lora_config("LV"))
+    disable_dropout_in_model(model)  # as SRTrainer: log-probs of the policy that sampled
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=9e-8)
     stop = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
@@ -121,13 +125,14 @@ def run_naive(args) -> dict:
         mask = completion_mask(ids, stop)
         logits = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask.long()).logits
         logits = logits[:, model.config.prefix_length - 1 : -1] / 0.3
-        logps = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        logps = selective_log_softmax(logits, ids)  # as SRTrainer: the same forward + backward
         loss = -(rewards * (logps * mask).sum(1) / mask.sum(1)).mean()
         loss.backward()
+        backward_done = time.perf_counter()  # the optimizer step is outside the timings, as in SRTrainer
         optimizer.step()
         optimizer.zero_grad()
         timings = {"generate_s": generated - start, "reward_s": rewarded - generated,
-                   "logprob_fwd_bwd_s": time.perf_counter() - rewarded, "mean_caption_tokens": mask.sum(1).mean().item()}
+                   "logprob_fwd_bwd_s": backward_done - rewarded, "mean_caption_tokens": mask.sum(1).mean().item()}
     return timings
 
 
@@ -149,7 +154,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--variant", choices=["ours", "naive"], help=argparse.SUPPRESS)
-    parser.add_argument("--tmp", default="/tmp/bench_sr_step", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", default=os.path.join(tempfile.gettempdir(), "bench_sr_step"), help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "sr_step.json")
     args = parser.parse_args(argv)
     if args.variant:
