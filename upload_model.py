@@ -299,20 +299,17 @@ def stage(args: argparse.Namespace, out: Path, workdir: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from datasets_scripts.publish import add_push_arguments
+
     p = argparse.ArgumentParser(prog="upload_model.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR", help="ClipCap folder, Trainer checkpoint-N or LoRA adapter folder")
     src.add_argument("--from-ndlb", metavar="SRC", help="the authors' release: Hub id (manu-gaur/NDLB) or local folder "
                      "in its layout (model.safetensors + config.json); converted first")
-    p.add_argument("--repo-id", required=True, metavar="USER/NAME", help="Hub model repository to create / update")
-    p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default main)")
-    p.add_argument("--dry-run", metavar="OUT", type=Path, help="only stage the folder into OUT; push nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT of --dry-run if it exists")
-    p.add_argument("--commit-message", help="commit message (default: says what was published)")
-    p.add_argument("--delete-stale", action="store_true",
-                   help="delete files of the Hub repository that the staged folder does not have (same commit)")
+    add_push_arguments(p, repo_help="Hub model repository to create / update",
+                       dry_run_help="only stage the folder into OUT; push nothing",
+                       commit_default="says what was published")
     g = p.add_argument_group("model card")
     g.add_argument("--eval-results", nargs="+", metavar="JSON", help="evaluate_captions.py --output files; their "
                    "scores go into the card and its model-index")
@@ -352,14 +349,15 @@ def default_commit_message(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
-        print(f"error: --repo-id {args.repo_id!r} must look like USER/NAME", file=sys.stderr)
+    from datasets_scripts.publish import PublishError, push_folder, repo_id_error
+
+    if error := repo_id_error(args.repo_id):
+        print(error, file=sys.stderr)
         return 2
     if args.dry_run is not None and args.dry_run.exists() and any(args.dry_run.iterdir()) and not args.overwrite:
         print(f"error: --dry-run {args.dry_run} exists and is not empty; pass --overwrite or choose another folder",
               file=sys.stderr)
         return 2
-    from datasets_scripts.publish import PublishError, push_folder
 
     try:
         with tempfile.TemporaryDirectory(prefix="upload_model-") as work:

@@ -491,6 +491,26 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, repo_type: str = "da
     return getattr(info, "commit_url", None) or str(info)
 
 
+def add_push_arguments(parser: argparse.ArgumentParser, *, repo_help: str, dry_run_help: str,
+                       commit_default: str) -> None:
+    """The Hub-push options that ``upload_model.py`` and this script share."""
+    parser.add_argument("--repo-id", required=True, metavar="USER/NAME", help=repo_help)
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default main)")
+    parser.add_argument("--dry-run", metavar="OUT", type=Path, help=dry_run_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT of --dry-run if it exists")
+    parser.add_argument("--commit-message", help=f"commit message (default: {commit_default})")
+    parser.add_argument("--delete-stale", action="store_true",
+                        help="delete files of the Hub repository that the staged folder does not have (same commit)")
+
+
+def repo_id_error(repo_id: str) -> str | None:
+    """An error message when ``repo_id`` is not of the form USER/NAME, else None."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        return f"error: --repo-id {repo_id!r} must look like USER/NAME"
+    return None
+
+
 # -- command line ---------------------------------------------------------------------------------
 
 
@@ -500,14 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=sorted(KINDS), help="which dataset folder to publish")
     p.add_argument("--src", required=True, help="the folder written by datasets_scripts.truematch build / "
                    "review_bags apply (truematch) or datasets_scripts.vcb export (holisticcap)")
-    p.add_argument("--repo-id", required=True, metavar="USER/NAME", help="Hub dataset repository")
-    p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default main)")
-    p.add_argument("--dry-run", metavar="OUT", type=Path, help="only validate and stage into OUT; push nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT of --dry-run if it exists")
-    p.add_argument("--commit-message", help="commit message (default: names the dataset and its configs)")
-    p.add_argument("--delete-stale", action="store_true",
-                   help="delete files of the Hub repository that the staged folder does not have (same commit)")
+    add_push_arguments(p, repo_help="Hub dataset repository",
+                       dry_run_help="only validate and stage into OUT; push nothing",
+                       commit_default="names the dataset and its configs")
     p.add_argument("--cache-dir", help="datasets cache for the validation loads (default: a temporary folder)")
     return p
 
@@ -515,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
-        print(f"error: --repo-id {args.repo_id!r} must look like USER/NAME", file=sys.stderr)
+    if error := repo_id_error(args.repo_id):
+        print(error, file=sys.stderr)
         return 2
     try:
         with tempfile.TemporaryDirectory(prefix="publish-") as work:

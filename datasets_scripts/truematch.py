@@ -50,16 +50,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from modeling_clipcap.model_card import NDLB_CITATION
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BLOCK_BYTES = 512 * 2**20
 CARD_TEMPLATE = Path(__file__).with_name("templates") / "truematch_card.md"
-CITATION = """@article{gaur2024nodetail,
-  title   = {No Detail Left Behind: Revisiting Self-Retrieval for Fine-Grained Image Captioning},
-  author  = {Gaur, Manu and Singh S, Darshan and Tapaswi, Makarand},
-  journal = {arXiv preprint arXiv:2409.03025},
-  year    = {2024}
-}"""
+CITATION = NDLB_CITATION
 
 
 # ---------------------------------------------------------------------------------------------
