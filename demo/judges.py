@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -264,7 +264,3 @@ def judge_quality(judge, images, references: list[list[str]], complete: list[str
             txt2 = judge.embed_texts(list(twin_texts))
             out["twin_text_acc"] = float(((txt2 * twin_img).sum(-1) > (txt2 * img).sum(-1)).float().mean())
     return out
-
-
-def spec_dict(spec: JudgeSpec) -> dict[str, Any]:
-    return asdict(spec)

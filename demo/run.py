@@ -384,7 +384,8 @@ def _mine_bags(dataset, judge, sizes, cache: Path, check_solvable: bool = True):
     curated, stats = {}, {}
     for s in sizes:
         bags, alpha = bags_from_knn(sims, idx, s)
-        keep = torch.tensor([len({complete[r] for r in bag.tolist()}) == s for bag in bags])
+        distinct = torch.tensor([len({complete[r] for r in bag.tolist()}) == s for bag in bags])
+        keep = distinct.clone()
         stat = {"candidates": len(bags), "distinct": int(keep.sum())}
         if check_solvable:
             keep &= solvable(bags, image_emb, text_emb)
@@ -393,8 +394,7 @@ def _mine_bags(dataset, judge, sizes, cache: Path, check_solvable: bool = True):
         curated[s] = (kept, alpha[keep][pos].tolist())
         stat["curated"] = len(kept)
         # the same curation without the solvability check, reported for transparency
-        plain_keep = torch.tensor([len({complete[r] for r in bag.tolist()}) == s for bag in bags])
-        curated[f"unfiltered_{s}"] = (curate(bags[plain_keep], alpha[plain_keep]), None)
+        curated[f"unfiltered_{s}"] = (curate(bags[distinct], alpha[distinct]), None)
         stat["curated_unfiltered"] = len(curated[f"unfiltered_{s}"][0])
         stats[str(s)] = stat
     return curated, stats
