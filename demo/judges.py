@@ -1,11 +1,11 @@
 """Two tiny CLIP judges trained contrastively from scratch on the synthetic world (NDLB Sec. 3 and
 4.1: the paper's judge is CLIP ViT-B/32; here the judges are small enough to train on a CPU).
 
-* Judge A (:func:`build_judge_a`) — a transformers ``CLIPModel`` (ViT with 4 px patches, world
+* Judge A (:func:`build_judge_a`) — a transformers ``CLIPModel`` (ViT with 8 px patches, world
   BPE tokenizer). It gives the self-retrieval reward (Eq. 1), mines the bags (Alg. 1-2, App. B.2),
   and its vision tower initialises the captioner's, as ViT-B/32 does for both in the paper.
 * Judge B (:func:`build_judge_b`) — an ``open_clip`` CLIP with a different architecture (ViT with
-  8 px patches and mean pooling, other widths and depth), open_clip's own BPE tokenizer, another
+  mean pooling instead of a class token, other width and depth), open_clip's own BPE tokenizer, another
   seed and another data order. It scores every reported R@1, so that SR is never graded by the
   judge it optimised (the notes' pitfall 4).
 

@@ -25,8 +25,9 @@ with the same ``--out`` and settings, so an interrupted run resumes where it sto
    with the same complete description (indistinguishable by any caption) are dropped.
 5. ``sr_*`` — self-retrieval REINFORCE fine-tuning with ``train_sr.py`` (Sec. 4.1, 4.5-4.6):
    random in-batch distractors (DiscriTune, ``sr_random``), and training bags with the bag-size
-   curriculum 3 -> 5 -> 7 (BagCurri, App. B.3), with LoRA on GPT-2 and CLIP (SR-LV,
-   ``sr_bags_curri``) and on GPT-2 only (SR-L, ``sr_bags_curri_L``).
+   curriculum 3 -> 5 -> 7 (BagCurri, App. B.3, ``sr_bags_curri``), both fine-tuning the whole
+   captioner; and the paper's LoRA modes with bags + BagCurri, on GPT-2 and CLIP (SR-LV,
+   ``sr_bags_curri_LV``) and on GPT-2 only (SR-L, ``sr_bags_curri_L``).
 6. ``evaluate`` — caption the test split (greedy, the caption length limit) and score it with
    the project's evaluate modules (``metrics/truematch``, ``metrics/self_retrieval``,
    ``metrics/cider_d``) and ``evaluate_captions.vocabulary_stats``; R@1 once per judge.
@@ -48,6 +49,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
+
+from demo.world import CAPTION_TOKENS
 
 __all__ = ["DemoConfig", "FAST", "FULL", "SRRun", "config_for", "main", "run_demo"]
 
@@ -79,10 +82,10 @@ class DemoConfig:
     n_train: int = 5000
     n_val: int = 300
     n_test: int = 2000
-    caption_tokens: int = 12  # max_new_tokens: the caption length limit
-    # judges (demo.judges.JudgeSpec fields). A: 16 px patches = one patch per cell of the scene.
+    caption_tokens: int = CAPTION_TOKENS  # max_new_tokens: the caption length limit (demo.world)
+    # judges (demo.judges.JudgeSpec fields). 8 px patches: 2 x 2 patches per cell of the scene.
     judge_a: dict[str, Any] = field(default_factory=lambda: dict(
-        width=128, layers=3, heads=4, patch_size=16, text_width=64, text_layers=2, embed_dim=64,
+        width=128, layers=3, heads=4, patch_size=8, text_width=64, text_layers=2, embed_dim=64,
         steps=800, batch_size=128, lr=2e-3, twin_fraction=0.5))
     judge_b: dict[str, Any] = field(default_factory=lambda: dict(
         width=64, layers=4, heads=2, patch_size=8, text_width=64, text_layers=2, embed_dim=64,

@@ -150,16 +150,17 @@ def test_fast_demo_sr_beats_mle_on_heldout_bags(fast_run):
     never took part in training; captions stay faithful and CIDEr-D does not collapse.
 
     Margin, from repeated fast runs (``python -m demo.run --fast --seed S``, judge B, random-
-    distractor R@1 on 800 test images): seed 0: MLE 17.4 -> SR 33.6 (+16.2); seed 1: 18.2 -> 38.6
-    (+20.4); an earlier SR-LV configuration, seed 0: 17.4 -> 34.0 (+16.6). The binomial standard
-    error of one R@1 here is ~1.5 points, so +8 (half the smallest gain seen) cannot come from
-    noise and leaves room for run-to-run spread.
+    distractor R@1 on 800 test images): seed 0: MLE 19.2 -> SR 50.9 (+31.7); seed 1: 16.2 -> 51.0
+    (+34.8). (Before the world's objects were centred and judge A moved to 8 px patches, three
+    fast runs gave +16.2 to +20.4.) The binomial standard error of one R@1 here is ~1.8 points, so
+    +15 (under half the smallest gain seen) cannot come from noise and leaves room for run-to-run
+    spread.
 
-    What the fast variant does NOT show: on its TrueMatch bags (142 / 70 / 41 bags of 3 / 5 / 7)
-    SR did not beat MLE (seed 0: -2.6 / -4.0 / -2.4 points; seed 1: -1.9 / -0.4 / +2.7). Its judges
-    are trained for 300 steps and SR runs ~190 steps: SR learns to name colours and backgrounds,
-    which separates random images but not bag-mates that share them. The full ``make demo``
-    (README) is where the TrueMatch comparison is made, and it is reported as measured there.
+    What the fast variant does NOT show reliably: on its TrueMatch bags (156 / 73 / 48 bags of
+    3 / 5 / 7 for seed 0) SR beat MLE by small margins only (seed 0: +1.9 / +0.5 / +5.1 points;
+    seed 1: +2.6 / +4.2 / +4.3), within one or two standard errors (~2.3 points on 156 bags of 3,
+    ~5 on 48 bags of 7). Its judges are trained for 300 steps and SR runs ~190 steps. The full ``make demo`` (README) is
+    where the TrueMatch comparison is made, and it is reported as measured there.
     """
     out, summary, seconds = fast_run
     results = json.loads((out / "results.json").read_text())
@@ -185,7 +186,7 @@ def test_fast_demo_sr_beats_mle_on_heldout_bags(fast_run):
     assert claims["... by at least +10 points on bags of 3"]["held"] is (gain_3 >= 10)  # reported as measured
 
 
-MARGIN_RANDOM_R1 = 8.0
+MARGIN_RANDOM_R1 = 15.0
 
 
 def test_rerun_reuses_finished_stages(fast_run):
@@ -220,3 +221,83 @@ def test_report_renders_in_headless_browser(fast_run, tmp_path):
         assert not severe, severe
     finally:
         driver.quit()
+
+
+# -- the diagnosis of what holds the hardest bags back ----------------------------------------------
+
+def test_shape_naming_counts_each_colour_shape_mention_against_its_object():
+    from demo.diagnose import shape_naming
+    from demo.world import Obj
+
+    scene = Scene("grey", (Obj("ring", "red", "small", 0), Obj("bar", "blue", "large", 3)), 0)
+    same_colour = Scene("grey", (Obj("ring", "red", "small", 0), Obj("bar", "red", "large", 3)), 0)
+    out = shape_naming(["a red hoop and a blue circle.", "a red ring.", "a green bar."], [scene, same_colour, scene])
+    # "red hoop" is right (a synonym of ring), "blue circle" wrong; two red objects: skipped; green: absent
+    assert out["all"] == {"accuracy": 0.5, "mentions": 2}
+    assert out["small_2"] == {"accuracy": 1.0, "mentions": 1} and out["large_2"] == {"accuracy": 0.0, "mentions": 1}
+
+
+def test_candidate_captions_respect_the_length_limit_and_name_only_true_details():
+    from transformers import GPT2TokenizerFast
+
+    from demo.diagnose import candidate_captions
+    from demo.world import Obj, train_tokenizer
+
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(200)]
+    tokenizer = train_tokenizer([complete_description(s) for s in scenes] + [r for s in scenes for r in sparse_references(s, rng)])
+    assert isinstance(tokenizer, GPT2TokenizerFast)
+    scene = Scene("white", (Obj("circle", "red", "large", 0), Obj("pillar", "cyan", "small", 1),
+                            Obj("ring", "pink", "small", 2)), 0)
+    captions = candidate_captions(scene, tokenizer, 12)
+    assert "a large red circle at the top left on white." in captions
+    assert "a red circle and a cyan pillar and a pink ring." in captions  # 12 tokens
+    assert "a red circle and a cyan pillar and a pink ring on white." not in captions  # 14
+    assert all(len(tokenizer(c)["input_ids"]) <= 12 for c in captions)
+    assert not any("and" in c and c.count(" at the ") == 3 for c in captions)  # three placed objects never fit
+    truth = scene_attributes(scene)
+    assert all(mentioned_attributes(c) <= truth for c in captions)
+
+
+def test_probe_reads_what_the_features_hold():
+    from demo.diagnose import attribute_targets, probe
+
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(1200)]
+    y = attribute_targets(scenes)
+    assert y["occupied_cells"].sum(1).tolist() == [len(s.objects) for s in scenes]
+    noise = torch.randn(1200, 16, generator=torch.Generator().manual_seed(0))
+    informative = torch.cat([y["occupied_cells"], noise], 1)  # features that hold the cells
+    readable = probe(informative[:1000], y["occupied_cells"][:1000], informative[1000:], y["occupied_cells"][1000:], epochs=10)
+    blind = probe(noise[:1000], y["occupied_cells"][:1000], noise[1000:], y["occupied_cells"][1000:], epochs=10)
+    assert readable["exact"] > 0.95 and blind["exact"] < 0.3, (readable, blind)
+
+
+def test_diagnosis_of_the_fast_demo(fast_run):
+    """The caption-length bound and the probes on the fast run. Measured on the fast run of seed 0
+    (40 bags of 3): bound 95.8 vs the best trained system 52.1; judge B's embedding: colour-set
+    recall 0.89 vs shape-set recall 0.61; raw-pixel probe of occupied cells: recall 0.91."""
+    from demo.diagnose import diagnose
+
+    out, _, _ = fast_run
+    result = diagnose(out, sizes=(3,), max_bags=40, probe_epochs=6, progress=False)
+    assert json.loads((out / "diagnosis.json").read_text())["caption_bound"] == result["caption_bound"]
+    bound = result["caption_bound"]["3"]
+    assert bound["members"] == 3 * min(40, len(json.loads((out / "truematch" / "3.json").read_text())))
+    # the length limit is not what holds the captioners back: ideal short captions solve the bags
+    trained = result["truematch_r1"]["3"]
+    assert set(trained) == {"mle", "sr_bags_curri"}
+    assert bound["r1"] >= 80.0 and bound["r1"] > max(trained.values()) + 20, (bound, trained)
+    assert result["shape_naming"]["reference_complete"]["all"]["accuracy"] == 1.0
+    probes = result["judge_probes"]
+    assert probes["pixels"]["occupied_cells"]["recall"] > 0.8  # the probe can read the picture
+    judge_b = probes["judge B embedding"]
+    assert judge_b["colour_set"]["recall"] > judge_b["shape_set"]["recall"] + 0.1  # colours, not shapes
+
+
+def test_diagnose_cli_names_the_missing_run(tmp_path, capsys):
+    from demo.diagnose import main
+
+    assert main(["--out", str(tmp_path / "nothing"), "--no_probes"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing" in err and "python -m demo.run --out" in err
