@@ -169,8 +169,9 @@ def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, te
 
 
 @torch.no_grad()
-def _vision_features(folder: Path, split, image_size: int) -> dict[str, torch.Tensor]:
-    """Judge A's vision tower: patch tokens (flattened, before pooling) of every image."""
+def _vision_features(folder: Path, splits, image_size: int) -> list[dict[str, torch.Tensor]]:
+    """Judge A's vision tower, loaded once: per split, the patch tokens (flattened, before pooling)
+    and the raw pixels of every image."""
     from transformers import CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
@@ -182,29 +183,29 @@ def _vision_features(folder: Path, split, image_size: int) -> dict[str, torch.Te
         model = CLIPVisionModelWithProjection.from_pretrained(str(folder)).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
-    pixels = pixel_tensor(split["image"], image_size)
-    tokens = [model(pixel_values=pixels[s : s + 500]).last_hidden_state[:, 1:].flatten(1)
-              for s in range(0, len(pixels), 500)]
-    return {"tokens": torch.cat(tokens), "pixels": pixels.flatten(1)}
+    out = []
+    for split in splits:
+        pixels = pixel_tensor(split["image"], image_size)
+        tokens = [model(pixel_values=pixels[s : s + 500]).last_hidden_state[:, 1:].flatten(1)
+                  for s in range(0, len(pixels), 500)]
+        out.append({"tokens": torch.cat(tokens), "pixels": pixels.flatten(1)})
+    return out
 
 
-def judge_probes(world, judge_folders: dict[str, Path], vision_folder: Path | None, image_size: int,
+def judge_probes(world, judges: dict, vision_folder: Path | None, image_size: int,
                  epochs: int = 40, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """Probe results per feature source (``judge A``, ``judge B``, ``judge A patch tokens``,
-    ``pixels``) and target (:data:`PROBE_TARGETS`)."""
+    ``pixels``) and target (:data:`PROBE_TARGETS`). ``judges``: name -> loaded ``ClipJudge``."""
     from tqdm.auto import tqdm
-
-    from metrics.clip_judge import ClipJudge
 
     train, test = world["train"], world["test"]
     y_train, y_test = attribute_targets(train["scene"]), attribute_targets(test["scene"])
     sources: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, folder in judge_folders.items():
-        judge = ClipJudge.from_pretrained(str(folder), device="cpu")
+    for name, judge in judges.items():
         sources[f"judge {name} embedding"] = (judge.embed_images(list(train["image"])).float(),
                                               judge.embed_images(list(test["image"])).float())
     if vision_folder is not None:
-        a, b = _vision_features(vision_folder, train, image_size), _vision_features(vision_folder, test, image_size)
+        a, b = _vision_features(vision_folder, (train, test), image_size)
         sources["judge A patch tokens"] = (a["tokens"], b["tokens"])
         sources["pixels"] = (a["pixels"], b["pixels"])
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -249,7 +250,8 @@ def diagnose(out: str | Path, sizes=(3,), max_bags: int | None = None, probe_epo
         captions = json.loads(file.read_text())
         result["shape_naming"][file.stem] = shape_naming([captions[i] for i in ids], test["scene"])
     if probes:
-        result["judge_probes"] = judge_probes(world, {"A": p.judge_a, "B": p.judge_b}, p.judge_a,
+        judge_a = ClipJudge.from_pretrained(str(p.judge_a), device="cpu")
+        result["judge_probes"] = judge_probes(world, {"A": judge_a, "B": judge_b}, p.judge_a,
                                               config["image_size"], epochs=probe_epochs, progress=progress)
     write_json(p.out / "diagnosis.json", result)
     return result
