@@ -8,6 +8,9 @@ The mapper is trained from scratch, CLIP stays frozen and GPT-2 is fine-tuned; e
     accelerate launch train_mle.py --dataset coco_karpathy/ --captions_from holisticcap/ \
         --caption_column holisticcap --output_dir mle-holistic
 
+`--config FILE.yaml` reads the flags from a YAML file (`recipes/mle_*.yaml`, one per Table 11 row);
+flags on the command line override it.
+
 Start from pretrained parts (`--clip openai/clip-vit-base-patch32 --gpt2 gpt2`, the default) or
 from an existing ClipCap folder (`--model DIR`). Any `TrainingArguments` flag works
 (`--max_steps`, `--report_to`, `--resume_from_checkpoint`...). The output folder loads with
@@ -20,7 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoProcessor, CLIPImageProcessor, GPT2TokenizerFast, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoProcessor, CLIPImageProcessor, GPT2TokenizerFast, Trainer, TrainingArguments
+from trl import TrlParser
 
 import modeling_clipcap  # noqa: F401  (registers the Auto classes)
 from modeling_clipcap import ClipCapForCaptioning, ClipCapProcessor, caption_stop_token_ids
@@ -71,8 +75,11 @@ def build_model(args: MLEArguments) -> tuple[ClipCapForCaptioning, ClipCapProces
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((MLEArguments, MLETrainingArguments), description=__doc__)
-    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = TrlParser((MLEArguments, MLETrainingArguments), description=__doc__)
+    try:
+        script_args, training_args = parser.parse_args_and_config(args=argv)
+    except (ValueError, OSError) as error:  # TrainingArguments checks, unreadable --config
+        parser.error(str(error))
     from datasets_scripts.coco import concat_splits, load_coco
 
     data = load_coco(script_args.dataset)
@@ -94,7 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=CaptionCollator(processor, max_length=script_args.max_caption_tokens),
         processing_class=processor,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the newest checkpoint of output_dir
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)

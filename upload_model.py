@@ -155,7 +155,7 @@ def resolve_checkpoint(args: argparse.Namespace, workdir: Path) -> Source:
                           "(model_type 'clipcap').")
     kind = "trainer-checkpoint" if (folder / "trainer_state.json").is_file() else "model"
     training = folder if kind == "trainer-checkpoint" else (
-        folder if any((folder / n).is_file() for n in ("sr_state.json", "training_args.json")) else None)
+        folder if any((folder / n).is_file() for n in ("trainer_state.json", "sr_state.json", "training_args.json")) else None)
     return Source(folder, kind, _public_name(folder), processor_folder=folder, training_folder=training)
 
 

@@ -200,7 +200,7 @@ def train_judge(model, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
             rows = np.concatenate([rows[:-n_twins], pairs, pairs])
         img = F.normalize(encode_images(batch_pixels), dim=-1)  # (B, d)
         txt = F.normalize(encode_texts(tokenize(texts)), dim=-1)  # (B, d)
-        scale = model.logit_scale.exp().clamp(max=100)
+        scale = model.logit_scale.exp()  # kept <= 100 below, as CLIP's training does
         logits = scale * txt @ img.T  # (B texts, B images)
         # identical strings in the batch are one class: spread the target over their images
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
@@ -212,6 +212,8 @@ def train_judge(model, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        with torch.no_grad():  # the saved logit scale is the one used here (the SR reward reads it)
+            model.logit_scale.clamp_(max=math.log(100.0))
         if step % 20 == 0 or step == spec.steps - 1:
             acc = (logits.argmax(1) == torch.arange(len(rows))).float().mean().item()
             log.append({"step": step, "loss": loss.item(), "acc": acc, "scale": scale.item(),

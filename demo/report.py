@@ -124,11 +124,11 @@ def _plots(out: Path, assets: Path) -> list[tuple[str, str]]:
             name = f.name.replace("_trainer_state.json", "")
             history = json.loads(f.read_text())["log_history"]
             train = [h for h in history if "reward" in h and h.get("reward") is not None]
-            evals = [h for h in history if "eval_r1" in h]
+            evals = [h for h in history if "eval_r1_bags" in h]
             axes[0].plot([h["step"] for h in train], [h["reward"] for h in train], label=name)
             axes[1].plot([h["step"] for h in train], [h.get("completions/mean_length") for h in train], label=name)
             if evals:
-                axes[2].plot([h["step"] for h in evals], [h["eval_r1"] for h in evals], marker="o", label=name)
+                axes[2].plot([h["step"] for h in evals], [h["eval_r1_bags"] for h in evals], marker="o", label=name)
         axes[0].set_title("SR reward (Eq. 1, batch mean)")
         axes[1].set_title("sampled caption length (tokens)")
         axes[2].set_title("val R@1 on bags of 3 (judge A)")

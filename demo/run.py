@@ -120,7 +120,7 @@ class DemoConfig:
     sr_rewards: tuple[str, ...] = ("sr", "cider")
     sr_reward_weights: tuple[float, ...] = (1.0, 0.3)
     sr_temperature: float = 0.7  # sampling temperature
-    sr_reward_temperature: str = "judge"  # Eq. 1 temperature: "judge" = 1 / judge A's logit scale, or a number
+    sr_reward_scale: str = "judge"  # Eq. 1 multiplier of the cosines: "judge" = judge A's logit scale, or a number
     sr_lora_rank: int = 16
     sr_lora_alpha: int = 32
     sr_eval_every: int = 40  # 0 = no periodic evaluation on the val bags
@@ -468,28 +468,18 @@ def _mean_differences(split, bags) -> float:
     return sum(diffs) / max(1, len(diffs))
 
 
-def judge_temperature(folder: Path) -> float:
-    """1 / the learned logit scale of a transformers CLIP judge: the temperature at which its
-    similarities were trained to be retrieval log-probabilities."""
-    from transformers import CLIPModel
-
-    return float(1.0 / CLIPModel.from_pretrained(str(folder)).logit_scale.exp().clamp(max=100).item())
-
-
 def stage_sr(run: SRRun, cfg: DemoConfig, p: Paths) -> dict[str, Any]:
-    """SR fine-tuning with train_sr.py. Eq. 1 divides the cosines by ``--sr_temperature``; the
-    paper uses raw cosines (1.0) with ViT-B/32, here they are divided by judge A's own learned
-    temperature (~1/25): over a batch of 64 images raw cosines give an almost uniform softmax in
-    which a bag's hard negatives weigh no more than random images."""
+    """SR fine-tuning with train_sr.py. Eq. 1 scales the cosines by the judge's own learned logit
+    scale (``--sr_scale judge``, the default, as the authors' code does with OpenAI CLIP's 100):
+    judge A's is ~25; with raw cosines the softmax over a batch of 64 images would be almost
+    uniform and a bag's hard negatives would weigh no more than random images."""
     import train_sr
 
     target = p.model(run.name)
     tmp = _fresh(target)
-    sr_temperature = judge_temperature(p.judge_a) if cfg.sr_reward_temperature == "judge" else float(
-        cfg.sr_reward_temperature)
     argv = ["--model", str(p.model(run.init)), "--dataset", str(p.world), "--judge", str(p.judge_a),
             "--rewards", *cfg.sr_rewards, "--reward_weights", *map(str, cfg.sr_reward_weights),
-            "--sr_temperature", f"{sr_temperature:.5f}", "--baseline", "mean",
+            "--sr_scale", str(cfg.sr_reward_scale), "--baseline", "mean", "--eval_num_beams", "1",
             "--output_dir", str(tmp),
             "--per_device_train_batch_size", str(cfg.sr_batch), "--num_train_epochs", str(cfg.sr_epochs),
             "--learning_rate", str(_sr_learning_rate(run, cfg)), "--temperature", str(cfg.sr_temperature),
@@ -509,8 +499,7 @@ def stage_sr(run: SRRun, cfg: DemoConfig, p: Paths) -> dict[str, Any]:
     _move_trainer_state(tmp, run.name, p)
     set_generation_defaults(tmp, cfg.caption_tokens)
     _commit(tmp, target)
-    return {"argv": ["train_sr.py", *argv], "train_runtime": metrics.get("train_runtime"),
-            "sr_temperature": sr_temperature}
+    return {"argv": ["train_sr.py", *argv], "train_runtime": metrics.get("train_runtime")}
 
 
 def _sr_learning_rate(run: SRRun, cfg: DemoConfig) -> float:

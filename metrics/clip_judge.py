@@ -107,26 +107,28 @@ def _as_target(sim: torch.Tensor, target: int | Sequence[int] | torch.Tensor) ->
 
 
 def bag_log_softmax(sim: torch.Tensor, mask: torch.Tensor | None = None,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """Row-wise log-softmax of similarities over each caption's candidates (paper Eq. 1).
+                    scale: float = 1.0) -> torch.Tensor:
+    """Row-wise log-softmax of scaled similarities over each caption's candidates (paper Eq. 1).
 
-    ``R(c, i, D) = log( exp(sim(c, i)) / sum_{i' in D u {i}} exp(sim(c, i')) )`` with raw cosine
-    similarities (no CLIP logit scale), as in the authors' code; ``temperature`` divides the
-    similarities first (1.0 = the paper).
+    ``R(c, i, D) = log( exp(s * sim(c, i)) / sum_{i' in D u {i}} exp(s * sim(c, i')) )``. The
+    authors' code scales by the judge's logit scale, ``s = exp(logit_scale)`` (= 100 for OpenAI
+    CLIP): their ``finetuning/receiver.py`` multiplies the normalised text features by
+    ``clip.logit_scale.exp()`` before the dot product with the normalised image features
+    (:attr:`ClipJudge.logit_scale` gives it). ``scale=1`` gives raw cosines.
 
     Args:
-        sim: (T, I) caption-vs-image similarities (from :func:`similarity`). For one bag per
-            caption, use (T, K) with the bag's images as columns.
+        sim: (T, I) caption-vs-image cosine similarities (from :func:`similarity`). For one bag
+            per caption, use (T, K) with the bag's images as columns.
         mask: optional (T, I) bool, True where image i is a candidate for caption t (its bag);
             other entries get log-probability ``-inf``. None = every image is a candidate.
-        temperature: divides ``sim`` before the softmax.
+        scale: multiplies ``sim`` before the softmax (must be > 0).
 
     Returns:
         (T, I) log-probabilities; ``out[t, target[t]]`` is the Eq. 1 reward.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = sim.float() / temperature
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    logits = sim.float() * float(scale)
     mask = _check_mask(sim, mask)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
@@ -155,7 +157,7 @@ def bag_recall_at_1(sim: torch.Tensor, target: int | Sequence[int] | torch.Tenso
 
 def retrieval_scores(sim: torch.Tensor, target: int | Sequence[int] | torch.Tensor = 0,
                      mask: torch.Tensor | None = None,
-                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 1 log-probability of the target and R@1 correctness, per caption.
 
     This is what the SR reward calls: ``sim`` is (captions x batch images), ``target`` each
@@ -167,7 +169,8 @@ def retrieval_scores(sim: torch.Tensor, target: int | Sequence[int] | torch.Tens
         sim: (T, I) similarities.
         target: int or (T,) long tensor of target columns.
         mask: optional (T, I) bool of allowed candidates; must be True at the targets.
-        temperature: divides ``sim`` in the softmax only (R@1 does not depend on it).
+        scale: multiplies ``sim`` in the softmax only (R@1 does not depend on a positive scale);
+            the SR reward passes the judge's logit scale (:func:`bag_log_softmax`).
 
     Returns:
         ``(log_prob, correct)``: (T,) float log-probability of the target (Eq. 1) and (T,) bool
@@ -179,7 +182,7 @@ def retrieval_scores(sim: torch.Tensor, target: int | Sequence[int] | torch.Tens
     if mask is not None and sim.shape[0] and not bool(mask[rows, t].all()):
         bad = (~mask[rows, t]).nonzero().flatten().tolist()
         raise ValueError(f"mask excludes the target image for caption rows {bad}")
-    log_prob = bag_log_softmax(sim, mask, temperature)[rows, t]  # (T,)
+    log_prob = bag_log_softmax(sim, mask, scale)[rows, t]  # (T,)
     sim = sim.float()
     target_sim = sim[rows, t]  # (T,)
     others = sim.clone()
@@ -272,6 +275,16 @@ def _pooled(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def _exp_logit_scale(model: Any) -> float | None:
+    """``exp(model.logit_scale)``: the multiplier CLIP applies to cosine similarities (transformers
+    ``CLIPModel.logit_scale`` and open_clip ``CLIP.logit_scale`` both store its log); None when the
+    model has none."""
+    param = getattr(model, "logit_scale", None)
+    if param is None:
+        return None
+    return float(torch.as_tensor(param).detach().float().exp().item())
+
+
 class _TransformersBackend:
     """transformers CLIP-like model (``get_text_features`` / ``get_image_features``)."""
 
@@ -284,6 +297,7 @@ class _TransformersBackend:
         limits = [getattr(cfg, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
         self.context_length = min(int(x) for x in limits if x is not None and x > 0) if any(limits) else 77
         self.embed_dim = getattr(model.config, "projection_dim", None)
+        self.logit_scale = _exp_logit_scale(model)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids truncated to the context, each ending with the tokenizer's eos token.
@@ -328,6 +342,7 @@ class _OpenClipBackend:
         self.model, self._preprocess, self.tokenizer = model, preprocess, tokenizer
         self.context_length = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
         self.embed_dim = getattr(getattr(model, "visual", None), "output_dim", None)
+        self.logit_scale = _exp_logit_scale(model)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """open_clip tokenizers truncate to their context and keep the end-of-text token."""
@@ -453,6 +468,9 @@ class ClipJudge:
         embed_dim: dimension of the joint embedding space.
         device: where the model runs; outputs are always float32 on CPU.
         context_length: text tokens the judge sees (77 for CLIP); longer captions are truncated.
+        logit_scale: ``exp(logit_scale)`` of the judge's weights, the multiplier CLIP applies to
+            cosines (100.0 for OpenAI CLIP); the SR reward's default scale (Eq. 1). None when the
+            model has no logit scale.
 
     Build one with :meth:`from_pretrained` (Hub id, local transformers folder, open_clip model
     name + pretrained tag, or an open_clip ``local-dir``), :meth:`from_transformers` or
@@ -480,6 +498,7 @@ class ClipJudge:
         self.context_length = int(backend.context_length)
         self._cache = _EmbeddingCache(cache_dir, self.cache_key) if cache_dir is not None else None
         self._embed_dim = backend.embed_dim
+        self.logit_scale: float | None = backend.logit_scale
 
     def __repr__(self) -> str:
         return (f"ClipJudge(name={self.name!r}, backend={self.backend}, device={str(self.device)!r}, "

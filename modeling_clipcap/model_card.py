@@ -192,7 +192,8 @@ TRAINING_ARG_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "warm
 def read_training_info(folder: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint folder says about its training, from JSON files only:
     ``trainer_state.json`` (steps, epochs, batch size, logged learning rates / losses / rewards),
-    ``sr_state.json`` (SRTrainer's bag curriculum), ``adapter_config.json`` (LoRA) and
+    SRTrainer's state in it (bag curriculum; ``sr_state.json`` from earlier versions),
+    ``adapter_config.json`` (LoRA) and
     ``training_args.json`` when present. ``training_args.bin`` is a pickle and is never loaded
     (it is only noted)."""
     folder = Path(folder)
@@ -223,7 +224,14 @@ def read_training_info(folder: str | os.PathLike) -> dict[str, Any]:
         evals = [h for h in history if any(k.startswith("eval_") for k in h)]
         if evals:
             info["last_eval"] = {k: v for k, v in evals[-1].items() if k.startswith("eval_") and _finite(v)}
-    if (sr := read("sr_state.json")) is not None:
+    sr = None
+    if state is not None:  # SRTrainer keeps its state in trainer_state.json (stateful_callbacks)
+        stored = (state.get("stateful_callbacks") or {}).get("SRStateCallback")
+        stored = stored[-1] if isinstance(stored, list) and stored else stored
+        sr = ((stored or {}).get("attributes") or {}).get("sr_state") or None
+    if sr is None:
+        sr = read("sr_state.json")  # written by earlier versions of SRTrainer
+    if sr is not None:
         info["sr_state"] = {k: sr[k] for k in ("bag_schedule", "bag_size", "bag_epoch") if sr.get(k) is not None}
     if (adapter := read("adapter_config.json")) is not None:
         targets = adapter.get("target_modules")
@@ -243,7 +251,7 @@ def training_markdown(info: dict[str, Any], notes: str | None = None) -> str:
     if notes:
         lines += [notes.strip(), ""]
     labels = {"trainer_state": "Trainer state (`trainer_state.json`)", "training_args": "Training arguments",
-              "sr_state": "Bag curriculum (`sr_state.json`)", "lora": "LoRA adapters (merged into these weights)",
+              "sr_state": "Bag curriculum (SRTrainer state)", "lora": "LoRA adapters (merged into these weights)",
               "last_log": "Last logged training values", "last_eval": "Last evaluation during training"}
     for key, label in labels.items():
         if info.get(key):

@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import tiny  # noqa: E402
-from trainers import SRConfig, SRTrainer  # noqa: E402
+from trainers import SRConfig, SRTrainer, sr_lora_config  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -29,8 +29,9 @@ def main(out: str) -> None:
 
     args = SRConfig(output_dir=str(Path(out) / "run"), per_device_train_batch_size=3, gradient_accumulation_steps=2,
                     num_train_epochs=1, bag_schedule="3", learning_rate=1e-3, report_to="none", save_strategy="no",
-                    max_new_tokens=4, lora_modules="L", lora_rank=4, use_cpu=True, logging_steps=1)
-    trainer = SRTrainer(model, recorder, args=args, train_dataset=data, processing_class=processor, train_bags=bags)
+                    max_new_tokens=4, use_cpu=True, logging_steps=1)
+    trainer = SRTrainer(model, recorder, args=args, train_dataset=data, processing_class=processor, train_bags=bags,
+                        peft_config=sr_lora_config("L", rank=4))
     trainer.train()
     log.close()
     with open(Path(out) / f"done{rank}.json", "w") as f:

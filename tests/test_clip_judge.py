@@ -50,7 +50,7 @@ def test_eq1_log_softmax_hand_computed():
     log_prob, _ = retrieval_scores(SIM, target=torch.tensor([0, 1]))
     assert log_prob.tolist() == pytest.approx([-0.5514447139320509, -0.9821983326577104], abs=1e-6)
     # temperature divides the similarities: 2 - ln(e^2 + 2)
-    assert bag_log_softmax(SIM, temperature=0.5)[0, 0].item() == pytest.approx(-0.2395447662218846, abs=1e-6)
+    assert bag_log_softmax(SIM, scale=2.0)[0, 0].item() == pytest.approx(-0.2395447662218846, abs=1e-6)
     # a mask restricts the softmax to the bag: 1 - ln(e + 1); outside the bag -inf
     mask = torch.tensor([[True, True, False], [True, True, True]])
     lp = bag_log_softmax(SIM, mask)

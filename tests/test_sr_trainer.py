@@ -21,6 +21,7 @@ from trainers import (
     SRTrainer,
     completion_mask,
     parse_bag_schedule,
+    sr_lora_config,
 )
 
 N_IMAGES = 24
@@ -43,7 +44,7 @@ def bags_of(size, n=N_IMAGES):
 def sr_config(tmp_path, **kw):
     defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=6, learning_rate=1e-3,
                     report_to="none", logging_steps=1, save_strategy="no", use_cpu=True, max_new_tokens=6,
-                    lora_modules="none", seed=0, data_seed=0)
+                    bag_schedule="rand", eval_num_beams=1, seed=0, data_seed=0)
     defaults.update(kw)
     return SRConfig(**defaults)
 
@@ -74,7 +75,7 @@ def test_self_retrieval_reward_is_eq1_log_softmax_by_hand():
     images = {"A": unit(1, 0), "B": unit(0, 1), "C": unit(1, 1)}
     texts = {"cap a": unit(1, 0.2), "cap b": unit(0.1, 1), "cap c": unit(1, 1)}
     judge = FixedJudge(texts, images)
-    reward = SelfRetrievalReward(judge)
+    reward = SelfRetrievalReward(judge, scale=1.0)
     ids = [1, 2, 3, 1]
     out = reward(completions=["cap a", "cap b", "cap c", "cap b"], cocoid=ids, image=["A", "B", "C", "A"])
 
@@ -90,12 +91,12 @@ def test_self_retrieval_reward_is_eq1_log_softmax_by_hand():
     reward(completions=["cap a"], cocoid=[1], image=["A"])
     assert judge.image_calls == 1
     # within-bag: caption 0 competes with image B only (its bag), not with C
-    bagged = SelfRetrievalReward(FixedJudge(texts, images), within_bag=True)
+    bagged = SelfRetrievalReward(FixedJudge(texts, images), scale=1.0, within_bag=True)
     out = bagged(completions=["cap a", "cap b", "cap c"], cocoid=[1, 2, 3], image=["A", "B", "C"], bag_id=[0, 0, 1])
     assert out[0] == pytest.approx(cos("cap a", "A") - math.log(math.exp(cos("cap a", "A")) + math.exp(cos("cap a", "B"))))
     assert out[2] == pytest.approx(0.0, abs=1e-6)  # alone in its bag: log 1
-    # temperature divides the similarities
-    warm = SelfRetrievalReward(FixedJudge(texts, images), temperature=0.5)
+    # scale multiplies the similarities
+    warm = SelfRetrievalReward(FixedJudge(texts, images), scale=2.0)
     t = warm(completions=["cap a"] * 3, cocoid=[1, 2, 3], image=["A", "B", "C"])[0]
     assert t == pytest.approx(2 * cos("cap a", "A") - math.log(sum(math.exp(2 * cos("cap a", i)) for i in "ABC")))
 
@@ -220,8 +221,9 @@ def test_reward_favouring_a_token_moves_its_probability(tmp_path, sr_data, token
 def trained_parameters(tmp_path, tokenizer, data, judge, modules):
     """(names of parameters that changed in 2 SR steps, all parameter names)."""
     model, processor = tiny.build_tiny_clipcap(tokenizer, seed=2)
-    args = sr_config(tmp_path / modules, max_steps=2, lora_modules=modules, learning_rate=1e-2, lora_rank=4)
-    trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=args, train_dataset=data, processing_class=processor)
+    args = sr_config(tmp_path / modules, max_steps=2, learning_rate=1e-2, lora_init="peft")
+    trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=args, train_dataset=data, processing_class=processor,
+                        peft_config=sr_lora_config(modules, rank=4))
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     changed = {k for k, v in trainer.model.named_parameters() if not torch.equal(v.detach(), before[k])}
@@ -260,7 +262,7 @@ def test_nonfinite_reward_and_loss_skip_the_update(tmp_path, tokenizer, sr_data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    assert trainer.nonfinite_skipped == 2
+    assert trainer.skipped_updates == 2
     assert any("non-finite SR loss" in str(w.message) for w in caught)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -274,15 +276,15 @@ def test_nonfinite_reward_and_loss_skip_the_update(tmp_path, tokenizer, sr_data)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         trainer.train()
-    assert trainer.nonfinite_skipped == 1  # one caption left out, the update still happened
+    assert trainer.nonfinite_rewards == 1 and trainer.skipped_updates == 0  # one caption left out, still an update
 
 
 def run_sr(tmp_path, tokenizer, data, judge, max_steps, resume=None, save_steps=2):
     model, processor = tiny.build_tiny_clipcap(tokenizer, seed=4)
     args = sr_config(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=save_steps,
-                     bag_schedule="0,3", lora_modules="LV", lora_rank=4, learning_rate=5e-3, num_train_epochs=3)
+                     bag_schedule="0,3", learning_rate=5e-3, num_train_epochs=3, lora_init="peft")
     trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=args, train_dataset=data,
-                        processing_class=processor, train_bags={3: bags_of(3)})
+                        processing_class=processor, train_bags={3: bags_of(3)}, peft_config=sr_lora_config("LV", rank=4))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -318,18 +320,18 @@ def test_evaluate_reports_bag_r1_and_cider(tmp_path, tokenizer, sr_data, judge):
     sims = text @ image.T
     correct = [sims[i, i] > max(sims[i, j] for j in range(b, b + 3) if j != i)
                for b in (0, 3, 6) for i in range(b, b + 3)]
-    assert metrics["eval_r1"] == pytest.approx(100 * sum(map(bool, correct)) / 9, abs=1e-6)
+    assert metrics["eval_r1_bags"] == pytest.approx(100 * sum(map(bool, correct)) / 9, abs=1e-6)
     assert 0 <= metrics["eval_cider"] and metrics["eval_mean_words"] > 0
 
 
 def test_periodic_evaluation_selects_the_best_checkpoint(tmp_path, tokenizer, sr_data, judge):
     model, processor = tiny.build_tiny_clipcap(tokenizer)
     args = sr_config(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-                     metric_for_best_model="eval_r1", greater_is_better=True, load_best_model_at_end=True)
+                     metric_for_best_model="eval_r1_bags", greater_is_better=True, load_best_model_at_end=True)
     trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=args, train_dataset=sr_data,
                         eval_dataset=sr_data.select(range(9)), eval_bags=bags_of(3, 9), processing_class=processor)
     trainer.train()
-    evals = {h["step"]: h["eval_r1"] for h in trainer.state.log_history if "eval_r1" in h}
+    evals = {h["step"]: h["eval_r1_bags"] for h in trainer.state.log_history if "eval_r1_bags" in h}
     assert sorted(evals) == [2, 4]
     best_step = max(evals, key=lambda s: (evals[s], -s))  # ties keep the earlier checkpoint
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")

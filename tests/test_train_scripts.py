@@ -92,6 +92,7 @@ def test_accelerate_launch_train_sr_end_to_end_on_two_processes(tmp_path, coco_d
             "--reward_weights", "1", "0.5", "--per_device_train_batch_size", "6", "--num_train_epochs", "2",
             "--max_new_tokens", "5", "--learning_rate", "1e-3", "--lora_modules", "LV", "--lora_rank", "4",
             "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--output_dir", out,
+            "--eval_num_beams", "2",
             "--eval_split", "val", "--eval_bags", tmp_path / "val3.json", "--eval_strategy", "epoch", "--use_cpu"]
     run = subprocess.run([sys.executable, *ACCELERATE_2_CPU, *map(str, args)], cwd=ROOT, env=accelerate_env(),
                          capture_output=True, text=True, timeout=600)
@@ -102,8 +103,8 @@ def test_accelerate_launch_train_sr_end_to_end_on_two_processes(tmp_path, coco_d
     logs = [h for h in state["log_history"] if "reward" in h]
     assert [h["bags/size"] for h in logs] == [0.0, 0.0, 3.0, 3.0]
     assert all("rewards/cider/mean" in h and "rewards/self_retrieval/mean" in h for h in logs)
-    evals = [h for h in state["log_history"] if "eval_r1" in h]
-    assert len(evals) == 2 and all(0 <= h["eval_r1"] <= 100 for h in evals)
+    evals = [h for h in state["log_history"] if "eval_r1_bags" in h]
+    assert len(evals) == 2 and all(0 <= h["eval_r1_bags"] <= 100 and 0 <= h["eval_r1_random"] <= 100 for h in evals)
     model = AutoModel.from_pretrained(out, trust_remote_code=True)  # LoRA merged: a plain ClipCap
     assert type(model).__name__ == "ClipCapForCaptioning"
     assert not any("lora" in name for name, _ in model.named_parameters())

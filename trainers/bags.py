@@ -29,23 +29,51 @@ from transformers import TrainerCallback
 RANDOM = 0  # bag size meaning "random in-batch distractors"
 
 
-def parse_bag_schedule(schedule: str | Sequence[int | str] | None) -> list[int]:
-    """Per-epoch bag sizes: ``"3,5,7"`` or ``[3, 5, 7]``; ``0``/``"rand"`` = random distractors.
-    The last size repeats for later epochs; empty or None = random distractors throughout."""
+def _bag_size(item: Any, schedule: Any) -> int:
+    item = str(item).strip().lower()
+    if item in ("", "rand", "random", "none", "0"):
+        return RANDOM
+    try:
+        size = int(item)
+    except ValueError:
+        raise ValueError(f"bag size {item!r} in the schedule {schedule!r} is not a number; use 0/rand or >= 2") from None
+    if size < 0 or size == 1:
+        raise ValueError(f"bag size {size} in the schedule {schedule!r}: use 0 (random) or >= 2")
+    return size
+
+
+def parse_bag_schedule(schedule: str | Sequence[int | str] | Mapping[int, int | str] | None) -> list[int]:
+    """Per-epoch bag sizes (index 0 = the first epoch); ``0`` = random in-batch distractors.
+
+    Accepted forms:
+
+    - one size per epoch: ``"3,5,7"`` or ``[3, 5, 7]``; the last size repeats for later epochs;
+    - the authors' curriculum (``configs/sr.yml``, ``neg_mining.curricullum``): ``{last epoch: size}``
+      as a mapping or ``"3:2,8:3,10:5"`` (epochs 1-3 bags of 2, 4-8 of 3, 9-10 of 5, then 5);
+    - ``"rand"``/``0``, empty or None: random distractors throughout.
+    """
     if schedule is None:
         return [RANDOM]
+    if isinstance(schedule, str) and ":" in schedule:
+        pairs = {}
+        for part in schedule.split(","):
+            epoch, _, size = part.partition(":")
+            try:
+                pairs[int(epoch)] = size
+            except ValueError:
+                raise ValueError(f"{part!r} in the bag schedule {schedule!r}: expected last_epoch:size") from None
+        schedule = pairs
+    if isinstance(schedule, Mapping):
+        sizes, previous = [], 0
+        for last_epoch in sorted(int(e) for e in schedule):
+            if last_epoch <= previous:
+                raise ValueError(f"last epochs in the bag schedule {schedule!r} must be positive and increasing")
+            size = _bag_size(schedule.get(last_epoch, schedule.get(str(last_epoch))), schedule)
+            sizes += [size] * (last_epoch - previous)
+            previous = last_epoch
+        return sizes or [RANDOM]
     items = schedule.split(",") if isinstance(schedule, str) else list(schedule)
-    sizes = []
-    for item in items:
-        item = str(item).strip().lower()
-        if item in ("", "rand", "random", "none"):
-            sizes.append(RANDOM)
-            continue
-        size = int(item)
-        if size < 0 or size == 1:
-            raise ValueError(f"bag size {size} in the schedule {schedule!r}: use 0 (random) or >= 2")
-        sizes.append(size)
-    return sizes or [RANDOM]
+    return [_bag_size(item, schedule) for item in items] or [RANDOM]
 
 
 class BagBatchSampler:
@@ -75,8 +103,10 @@ class BagBatchSampler:
         self.epoch = 0
         for size in set(self.schedule) - {RANDOM}:
             if not self.bags.get(size):
-                raise ValueError(f"the bag schedule uses size {size}, but no training bags of that size were given "
-                                 f"(have: {sorted(self.bags)})")
+                raise ValueError(f"the bag schedule {list(self.schedule)} uses bags of {size}, but no training bags of "
+                                 f"that size were given (have: {sorted(self.bags) or 'none'}); pass training bags of "
+                                 "every size (train_sr.py --bags FILE ...), or bag_schedule='rand' for random "
+                                 "in-batch distractors")
             wrong = [b for b in self.bags[size] if len(b) != size]
             if wrong:
                 raise ValueError(f"{len(wrong)} bags listed under size {size} have another size, e.g. {wrong[0]}")
@@ -168,12 +198,23 @@ class BagCollator:
         return batch
 
 
-def bags_from_cocoids(bag_cocoids: Sequence[Sequence[Any]], cocoids: Sequence[Any]) -> list[list[int]]:
-    """Map bags of COCO ids (the training-bag JSON format) to dataset rows, naming unknown ids."""
+def bags_from_cocoids(bag_cocoids: Sequence[Sequence[Any]], cocoids: Sequence[Any],
+                      where: str = "the training set") -> list[list[int]]:
+    """Map bags of COCO ids (the training-bag JSON format) to dataset rows.
+
+    ``where`` names the dataset in errors (e.g. ``"the eval split 'val'"``). Unknown ids and bags
+    that hold an id twice are errors that name the ids and the bag.
+    """
     row_of = {c: r for r, c in enumerate(cocoids)}
+    for k, bag in enumerate(bag_cocoids):
+        if len(set(bag)) != len(bag):
+            repeated = sorted({c for c in bag if list(bag).count(c) > 1}, key=str)
+            raise ValueError(f"bag {k} ({list(bag)}) holds the image id(s) {repeated} more than once; "
+                             "every image of a bag must be distinct")
     unknown = [c for bag in bag_cocoids for c in bag if c not in row_of]
     if unknown:
-        raise KeyError(f"{len(unknown)} COCO ids of the bags are not in the training set, e.g. {unknown[:5]}")
+        raise KeyError(f"{len(unknown)} image ids of the bags are not in {where}, e.g. {unknown[:5]}: "
+                       "were the bags mined on another split?")
     return [[row_of[c] for c in bag] for bag in bag_cocoids]
 
 

@@ -2,9 +2,10 @@
 
 One training step, per micro-batch of whole bags (``BagBatchSampler``):
 
-1. sample captions with ``model.generate`` (temperature 0.3, the model's 40-token limit, stop
-   after a token containing ".") — no gradients;
-2. score them with the reward functions (TRL convention), combine with ``reward_weights``;
+1. sample captions with ``model.generate`` (temperature 0.3 over the full vocabulary, the model's
+   40-token limit, stop after a token containing ".") — no gradients;
+2. score them with the reward functions (TRL convention: ``completion_ids`` cut after the first
+   stop token), combine with ``reward_weights``;
 3. subtract a baseline (running mean / greedy / leave-one-out);
 4. recompute the captions' log-probabilities under the same tempered distribution in one
    teacher-forced forward pass, and minimise ``-(R - b) * log p(c | i)`` (token log-probs
@@ -12,36 +13,58 @@ One training step, per micro-batch of whole bags (``BagBatchSampler``):
 
 The shape follows TRL's RLOO/GRPO trainers: a ``Trainer`` subclass overriding
 ``get_train_dataloader``, ``_prepare_inputs``, ``compute_loss``, ``training_step``, ``evaluate``
-and ``log``, so ``accelerate launch``, checkpointing, resumption, ``report_to`` and callbacks work
-as usual. LoRA (SR-L/SR-V/SR-LV) goes through ``peft``.
+and ``log``, so ``accelerate launch`` (DDP, FSDP, DeepSpeed: generation runs on the gathered
+weights, as TRL's ``unwrap_model_for_generation``), checkpointing, resumption, ``report_to`` and
+callbacks work as usual. LoRA (SR-L/SR-V/SR-LV) goes through ``peft``: the trainer applies exactly
+the ``peft_config`` it is given.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import re
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
-from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+from trl.distributed import DistributedBackend
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import (
+    disable_dropout_in_model,
+    entropy_from_logits,
+    get_callable_name,
+    is_async_callable,
+    selective_log_softmax,
+    shutdown_event_loop_in_daemon,
+    start_event_loop_in_daemon,
+)
 
 from metrics.clip_judge import ClipJudge, retrieval_scores, similarity
 
 from .bags import BagBatchSampler, BagCollator, BagCurriculumCallback, BagView, parse_bag_schedule
 from .baselines import GreedyBaseline, build_baseline
-from .lora import sr_lora_config
+from .lora import init_lora_as_authors
 from .rewards import CiderReward, SelfRetrievalReward
 from .sr_config import SRConfig
 
+logger = logging.get_logger(__name__)
+
 RewardFunc = Callable[..., list[float | None]]
-SR_STATE_NAME = "sr_state.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+LEGACY_SR_STATE_NAME = "sr_state.json"  # written by earlier versions beside trainer_state.json
 
 
 def completion_mask(ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
@@ -54,13 +77,64 @@ def completion_mask(ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
     return (~stopped_before).float()
 
 
+class SRStateCallback(TrainerCallback, ExportableState):
+    """Carries the SR state (baseline, curriculum, counters) in ``trainer_state.json``.
+
+    The Trainer writes its state file last in a checkpoint, after the weights, optimizer and RNG
+    states and before it deletes older checkpoints, so a checkpoint whose ``trainer_state.json``
+    holds this state is complete, and a kill at any moment of a save leaves one to resume from.
+    """
+
+    def __init__(self, trainer: "SRTrainer | None" = None):
+        self.trainer = trainer
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"sr_state": self.trainer.sr_state() if self.trainer else {}}}
+
+
+def read_sr_state(checkpoint: str | os.PathLike) -> dict | None:
+    """The SR state saved in a checkpoint, or None when the checkpoint has none (or is incomplete)."""
+    path = Path(checkpoint) / TRAINER_STATE_NAME
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    sr = state.get("stateful_callbacks", {}).get(SRStateCallback.__name__)
+    if isinstance(sr, list):
+        sr = sr[-1] if sr else None
+    if sr and sr.get("attributes", {}).get("sr_state"):
+        return sr["attributes"]["sr_state"]
+    legacy = Path(checkpoint) / LEGACY_SR_STATE_NAME
+    try:
+        return json.loads(legacy.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` of ``output_dir`` that holds a complete SR checkpoint (its
+    ``trainer_state.json`` parses and carries the SR state); newer incomplete ones are reported."""
+    folders = []
+    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
+        if match and path.is_dir():
+            folders.append((int(match.group(1)), path))
+    for _, path in sorted(folders, reverse=True):
+        if read_sr_state(path) is not None:
+            return str(path)
+        logger.warning("%s is incomplete (interrupted while saving?); resuming from an earlier checkpoint", path)
+    return None
+
+
 class SRTrainer(Trainer):
     """Trainer for self-retrieval (SR) fine-tuning with REINFORCE.
 
     Args:
-        model: a `ClipCapForCaptioning` (MLE pre-trained) or a path/Hub id to load one from.
+        model: a `ClipCapForCaptioning` (MLE pre-trained) or a path/Hub id to load one from (with
+            `args.model_init_kwargs`).
         reward_funcs: one reward function or a list (TRL calling convention, see
-            `trainers.rewards`), e.g. `[SelfRetrievalReward(judge), CiderReward(train_refs)]`.
+            `trainers.rewards`; `async def` functions run concurrently on an event loop), e.g.
+            `[SelfRetrievalReward(judge), CiderReward(train_refs)]`.
         args: an `SRConfig`.
         train_dataset: rows with an image column (`image`), an id column (`cocoid`) and any
             columns the reward functions read (`captions` for CIDEr).
@@ -68,9 +142,11 @@ class SRTrainer(Trainer):
         train_bags: `{bag size: [[row, ...], ...]}` training bags (rows of `train_dataset`), needed
             for every size of `args.bag_schedule`.
         eval_dataset / eval_bags: held-out images and bags (lists of rows) for periodic evaluation
-            (R@1 on the bags by `eval_judge`, CIDEr-D against the `captions` column).
+            (R@1 by `eval_judge` among random batches and on the bags, CIDEr-D against the
+            `captions` column).
         eval_judge: judge for evaluation; defaults to the first `SelfRetrievalReward`'s judge.
-        peft_config: LoRA config; by default built from `args.lora_modules` (SR-L/V/LV).
+        peft_config: the LoRA config to apply (e.g. `trainers.sr_lora_config("LV")`, the paper's
+            SR-LV); None trains the model as given. Adapters start as `args.lora_init` says.
     """
 
     _tag_names = ["ndlb", "self-retrieval", "clipcap"]
@@ -91,29 +167,37 @@ class SRTrainer(Trainer):
         optimizers=(None, None),
     ):
         args = args or SRConfig(output_dir="sr-output")
-        if isinstance(model, str):
-            from modeling_clipcap import ClipCapForCaptioning
+        # Seed before anything random is initialised (LoRA adapters), as Trainer seeds model_init.
+        from transformers.trainer_utils import enable_full_determinism, set_seed
 
-            model = ClipCapForCaptioning.from_pretrained(model)
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        if isinstance(model, str):
+            model = self._load_model(model, args.model_init_kwargs)
         if processing_class is None:
             raise ValueError("SRTrainer needs the ClipCapProcessor as `processing_class`.")
         self.base_config = model.config
-        self.vision_trainable = args.lora_modules in ("V", "LV") or not model.config.freeze_vision
         if args.disable_dropout:
             disable_dropout_in_model(model)
-        if peft_config is None:
-            peft_config = sr_lora_config(args.lora_modules, args.lora_rank, args.lora_alpha, args.lora_dropout)
         if peft_config is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+            if args.lora_init == "authors":
+                init_lora_as_authors(model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.vision_trainable = any(p.requires_grad for p in base.vision_model.parameters())
 
         self.reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        self.reward_names = [getattr(f, "__name__", type(f).__name__) for f in self.reward_funcs]
+        self.reward_names = [get_callable_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ValueError(f"{len(weights)} reward weights for {len(self.reward_funcs)} reward functions")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self._async_loop = None
+        if any(is_async_callable(f) for f in self.reward_funcs):
+            thread, self._async_loop, ready = start_event_loop_in_daemon(name="SRTrainer-rewards")
+            ready.wait()
+            atexit.register(shutdown_event_loop_in_daemon, thread, self._async_loop)
         baseline = args.baseline
         if baseline == "auto":
             baseline = "greedy" if any(isinstance(f, CiderReward) for f in self.reward_funcs) else "mean"
@@ -128,12 +212,14 @@ class SRTrainer(Trainer):
         judges = [f.judge for f in self.reward_funcs if isinstance(f, SelfRetrievalReward)]
         self.eval_judge = eval_judge or (judges[0] if judges else None)
         self.bag_sampler = None
+        callbacks = [*(callbacks or []), SRStateCallback(self)]
         if train_dataset is not None:
             self.bag_sampler = BagBatchSampler(len(train_dataset), args.per_device_train_batch_size, train_bags,
                                                parse_bag_schedule(args.bag_schedule), seed=args.seed)
-            callbacks = [*(callbacks or []), BagCurriculumCallback(self.bag_sampler)]
+            callbacks.append(BagCurriculumCallback(self.bag_sampler))
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.nonfinite_skipped = 0
+        self.nonfinite_rewards = 0  # captions left out of an update because a reward was NaN / inf
+        self.skipped_updates = 0  # micro-batches whose loss was not finite
 
         super().__init__(
             model=model,
@@ -145,6 +231,22 @@ class SRTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self._dist = DistributedBackend(self.accelerator)
+
+    @staticmethod
+    def _load_model(name_or_path: str, init_kwargs: dict | None):
+        from modeling_clipcap import ClipCapForCaptioning
+
+        kwargs = dict(init_kwargs or {})
+        dtype = kwargs.get("dtype")
+        if isinstance(dtype, str) and dtype != "auto":
+            kwargs["dtype"] = getattr(torch, dtype)
+        return ClipCapForCaptioning.from_pretrained(name_or_path, **kwargs)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """Every parameter gets AdamW's weight decay, as the authors' ``torch.optim.AdamW(sender.parameters())``
+        (``finetuning/train.py``); transformers would exempt biases and LayerNorm weights."""
+        return [name for name, _ in model.named_parameters()]
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -160,67 +262,121 @@ class SRTrainer(Trainer):
         )
         return self.accelerator.prepare(loader)
 
-    # -- one step ------------------------------------------------------------------------------
+    # -- rewards ---------------------------------------------------------------------------------
 
     def _log_metric(self, name: str, value: float) -> None:
         mode = "train" if self.model.training else "eval"
         self._metrics[mode][name].append(float(value))
 
-    def _score(self, captions: list[str], ids: torch.Tensor, columns: dict[str, list]) -> torch.Tensor:
-        """(n, num_reward_funcs) rewards; NaN where a function returned None."""
-        out = torch.full((len(captions), len(self.reward_funcs)), float("nan"))
-        for j, func in enumerate(self.reward_funcs):
-            values = func(prompts=[""] * len(captions), completions=captions, completion_ids=ids.tolist(),
-                          trainer_state=self.state, log_metric=self._log_metric, log_extra=lambda *a, **k: None,
-                          **columns)
-            if len(values) != len(captions):
-                raise ValueError(f"reward function {self.reward_names[j]!r} returned {len(values)} rewards "
-                                 f"for {len(captions)} captions")
-            out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
-        return out
+    def _score(self, captions: list[str], completion_ids: list[list[int]],
+               columns: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards of each caption by each function, called as TRL's GRPOTrainer calls them.
 
-    def _combine(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over reward functions ignoring None (NaN); NaN when all are None."""
-        combined = (rewards_per_func * self.reward_weights).nansum(1)
-        combined[torch.isnan(rewards_per_func).all(1)] = math.nan
+        Returns ``(rewards, given)``: (n, F) float rewards (0 where not given) and (n, F) bool,
+        False where a function returned None ("no reward from this function").
+        """
+        n, step = len(captions), self.state.global_step
+        kwargs = dict(prompts=[""] * n, completions=captions, completion_ids=completion_ids,
+                      trainer_state=self.state, log_metric=self._log_metric, log_extra=lambda *a, **k: None,
+                      **columns)
+        outputs: dict[int, list] = {}
+        pending = []
+        for j, func in enumerate(self.reward_funcs):
+            if is_async_callable(func):
+                pending.append(j)
+                continue
+            try:
+                outputs[j] = func(**kwargs)
+            except Exception as error:
+                raise RuntimeError(f"reward function {self.reward_names[j]!r} failed at step {step}: {error}") from error
+        if pending:
+            import asyncio
+
+            async def run_all():
+                return await asyncio.gather(*(self.reward_funcs[j](**kwargs) for j in pending), return_exceptions=True)
+
+            for j, result in zip(pending, asyncio.run_coroutine_threadsafe(run_all(), self._async_loop).result()):
+                if isinstance(result, BaseException):
+                    raise RuntimeError(f"reward function {self.reward_names[j]!r} failed at step {step}: "
+                                       f"{result}") from result
+                outputs[j] = result
+        rewards = torch.zeros(n, len(self.reward_funcs))
+        given = torch.zeros(n, len(self.reward_funcs), dtype=torch.bool)
+        for j, values in outputs.items():
+            values = list(values)
+            if len(values) != n:
+                raise ValueError(f"reward function {self.reward_names[j]!r} returned {len(values)} rewards "
+                                 f"for {n} captions at step {step}")
+            for i, v in enumerate(values):
+                if v is not None:
+                    rewards[i, j], given[i, j] = float(v), True
+        return rewards, given
+
+    def _combine(self, rewards: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the given rewards per caption; NaN when no function gave one, and
+        non-finite when a given reward is NaN / inf."""
+        combined = (torch.where(given, rewards, 0.0) * self.reward_weights).sum(1)
+        combined[~given.any(1)] = math.nan
         return combined
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _generate(self, vision: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+        """``model.generate`` on the full weights (gathered under DeepSpeed ZeRO-3 / FSDP)."""
+        with (
+            unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                        gather_deepspeed3_params=self.args.ds3_gather_for_generation) as unwrapped,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            return unwrapped.generate(**vision, max_new_tokens=self.max_new_tokens, **kwargs)
+
+    def _decode(self, ids: torch.Tensor) -> tuple[list[str], list[list[int]], torch.Tensor]:
+        """Captions, completion ids cut after the first stop token (as TRL passes them), mask."""
+        mask = completion_mask(ids, self.stop_ids)
+        cut = [row[m].tolist() for row, m in zip(ids.cpu(), mask.bool().cpu())]
+        return self.processing_class.batch_decode(cut), cut, mask
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Sample captions, score them and compute advantages (no gradients)."""
         device = self.accelerator.device
-        unwrapped = self.accelerator.unwrap_model(self.model)
         k = self.args.num_generations
         pixel_values = inputs["pixel_values"].to(device)
         columns = {key: value for key, value in inputs.items() if key != "pixel_values"}
         start = time.perf_counter()
         with torch.no_grad():
+            unwrapped = self.accelerator.unwrap_model(self.model)
             vision = {"image_embeds": unwrapped.get_image_embeds(pixel_values)}  # (B, clip_dim)
-            sample_kwargs = dict(do_sample=True, temperature=self.args.temperature, top_k=self.args.top_k or None,
-                                 top_p=1.0, num_beams=1, num_return_sequences=k, max_new_tokens=self.max_new_tokens)
-            ids = unwrapped.generate(**vision, **sample_kwargs)  # (B*k, T)
-            greedy_ids = None
-            if isinstance(self.baseline, GreedyBaseline):
-                greedy_ids = unwrapped.generate(**vision, do_sample=False, num_beams=1,
-                                                max_new_tokens=self.max_new_tokens)
+        ids = self._generate(vision, do_sample=True, temperature=self.args.temperature, top_k=self.args.top_k or None,
+                             top_p=1.0, num_beams=1, num_return_sequences=k)  # (B*k, T)
+        greedy_ids = None
+        if isinstance(self.baseline, GreedyBaseline):
+            greedy_ids = self._generate(vision, do_sample=False, num_beams=1)
         generated = time.perf_counter()
-        mask = completion_mask(ids, self.stop_ids)
-        captions = self.processing_class.batch_decode(ids)
+        captions, cut_ids, mask = self._decode(ids)
         repeated = {key: [v for v in value for _ in range(k)] for key, value in columns.items()}
-        rewards_per_func = self._score(captions, ids, repeated)  # (B*k, F)
-        rewards = self._combine(rewards_per_func)  # (B*k,)
+        rewards_per_func, given = self._score(captions, cut_ids, repeated)  # (B*k, F)
+        rewards = self._combine(rewards_per_func, given)  # (B*k,)
         if greedy_ids is not None:
-            greedy = self._combine(self._score(self.processing_class.batch_decode(greedy_ids), greedy_ids, columns))
-            baseline = self.baseline(rewards, greedy)
+            greedy_captions, greedy_cut, _ = self._decode(greedy_ids)
+            baseline = self.baseline(rewards, self._combine(*self._score(greedy_captions, greedy_cut, columns)))
         else:
             baseline = self.baseline(rewards)
         self._log_metric("timing/generate_s", generated - start)
         self._log_metric("timing/reward_s", time.perf_counter() - generated)
+
+        nonfinite = (given & ~torch.isfinite(rewards_per_func)).any(1)
+        if nonfinite.any():
+            self.nonfinite_rewards += int(nonfinite.sum())
+            bad = [self.reward_names[j] for j in range(len(self.reward_funcs))
+                   if (given[:, j] & ~torch.isfinite(rewards_per_func[:, j])).any()]
+            warnings.warn(f"step {self.state.global_step}: {int(nonfinite.sum())} of {len(captions)} caption(s) got a "
+                          f"NaN/inf reward from {bad}; they are left out of this update "
+                          f"(total so far: {self.nonfinite_rewards}).")
+        if not given.any(1).all():
+            warnings.warn(f"step {self.state.global_step}: every reward function returned None for "
+                          f"{int((~given.any(1)).sum())} caption(s); they are left out of this update.")
         valid = torch.isfinite(rewards) & torch.isfinite(baseline)
-        invalid_rewards = torch.isfinite(rewards_per_func).logical_or(torch.isnan(rewards_per_func)).logical_not()
-        if invalid_rewards.any():
-            self.nonfinite_skipped += int(invalid_rewards.any(1).sum())
-            warnings.warn(f"{int(invalid_rewards.any(1).sum())} caption(s) got a non-finite reward; they are "
-                          f"left out of this update (total so far: {self.nonfinite_skipped}).")
         advantages = torch.where(valid, rewards - baseline, torch.zeros_like(rewards))
         # the running baseline moves with the mean reward of the whole (multi-process) batch
         local_mean = rewards[valid].mean() if valid.any() else torch.tensor(math.nan)
@@ -228,7 +384,7 @@ class SRTrainer(Trainer):
         if torch.isfinite(batch_means).any():
             self.baseline.update(batch_means[torch.isfinite(batch_means)].mean().item())
 
-        self._log_rewards(rewards_per_func, rewards, baseline, mask, captions)
+        self._log_rewards(rewards_per_func, given, rewards, baseline, mask, captions, nonfinite)
         prepared = {"completion_ids": ids, "completion_mask": mask.to(device),
                     "advantages": advantages.to(device), "valid": valid.to(device)}
         if self.vision_trainable:
@@ -237,9 +393,9 @@ class SRTrainer(Trainer):
             prepared["image_embeds"] = vision["image_embeds"].repeat_interleave(k, 0)
         return prepared
 
-    def _log_rewards(self, rewards_per_func, rewards, baseline, mask, captions) -> None:
+    def _log_rewards(self, rewards_per_func, given, rewards, baseline, mask, captions, nonfinite) -> None:
         for j, name in enumerate(self.reward_names):
-            values = rewards_per_func[:, j]
+            values = rewards_per_func[given[:, j], j]
             values = values[torch.isfinite(values)]
             self._log_metric(f"rewards/{name}/mean", values.mean().item() if len(values) else math.nan)
             self._log_metric(f"rewards/{name}/std", values.std().item() if len(values) > 1 else math.nan)
@@ -251,15 +407,19 @@ class SRTrainer(Trainer):
         words = [w for c in captions for w in c.lower().split()]
         self._log_metric("completions/distinct_words", len(set(words)) / max(1, len(words)))
         self._log_metric("bags/size", float(self.bag_sampler.bag_size if self.bag_sampler else 0))
-        self._log_metric("nonfinite_skipped", float(self.nonfinite_skipped))
+        self._log_metric("rewards/nonfinite", float(nonfinite.sum()))
+        self._log_metric("nonfinite_rewards_total", float(self.nonfinite_rewards))
+        self._log_metric("skipped_updates_total", float(self.skipped_updates))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """REINFORCE: ``-(R - b) * log p(c | i)`` averaged over the micro-batch's captions."""
         ids, mask = inputs["completion_ids"], inputs["completion_mask"]
         vision = {k: inputs[k] for k in ("pixel_values", "image_embeds") if k in inputs}
-        logits = model(**vision, input_ids=ids, attention_mask=mask.long()).logits  # (n, P + T, V)
-        prefix_length = self.base_config.prefix_length
-        logits = logits[:, prefix_length - 1 : -1] / self.args.temperature  # (n, T, V): same tempered policy
+        # the last T + 1 positions: the one before the first caption token predicts it; the very
+        # last predicts nothing we sampled
+        logits = model(**vision, input_ids=ids, attention_mask=mask.long(),
+                       logits_to_keep=ids.shape[1] + 1).logits[:, :-1]  # (n, T, V)
+        logits = logits / self.args.temperature  # the same tempered policy that sampled
         token_logps = selective_log_softmax(logits, ids)  # (n, T)
         caption_logps = (token_logps * mask).sum(1)
         if self.args.logprob_reduction == "mean":
@@ -271,18 +431,22 @@ class SRTrainer(Trainer):
         return (loss, logits) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """Like `Trainer.training_step`, but a non-finite loss skips the backward pass on every
-        process (no update from this micro-batch) with a warning and a counter."""
+        """Like `Trainer.training_step`, but the backward pass is skipped on every process (no
+        update from this micro-batch, not even weight decay) when the loss is not finite or no
+        caption of the micro-batch has a finite reward, with a warning and a counter."""
         model.train()
         inputs = self._prepare_inputs(inputs)
         start = time.perf_counter()
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0
-        if not finite:
-            self.nonfinite_skipped += 1
-            warnings.warn(f"non-finite SR loss at step {self.state.global_step}: the update is skipped "
-                          f"(total skipped: {self.nonfinite_skipped}).")
+        flags = torch.stack([torch.isfinite(loss.detach()), inputs["valid"].any()]).float().reshape(1, 2)
+        flags = self.accelerator.gather(flags.to(loss.device)).reshape(-1, 2)  # (processes, 2)
+        finite, any_valid = bool(flags[:, 0].min() > 0), bool(flags[:, 1].max() > 0)
+        if not finite or not any_valid:
+            self.skipped_updates += 1
+            why = "non-finite SR loss" if not finite else "no caption with a finite reward"
+            warnings.warn(f"{why} at step {self.state.global_step}: the update is skipped "
+                          f"(total skipped: {self.skipped_updates}).")
             return torch.zeros((), device=self.args.device)
         loss = loss / self.current_gradient_accumulation_steps
         self.accelerator.backward(loss)
@@ -293,7 +457,7 @@ class SRTrainer(Trainer):
 
     @torch.no_grad()
     def caption(self, dataset, batch_size: int | None = None, num_beams: int | None = None) -> list[str]:
-        """Caption every image of `dataset` (greedy, or `num_beams` beams)."""
+        """Caption every image of `dataset` (`num_beams` beams, default `args.eval_num_beams`)."""
         from metrics.clip_judge import load_image
 
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -305,34 +469,46 @@ class SRTrainer(Trainer):
         for start in range(0, len(dataset), batch_size):
             rows = dataset[start : start + batch_size]
             pixel_values = self.processing_class(images=[load_image(im) for im in rows["image"]])["pixel_values"]
-            ids = unwrapped.generate(pixel_values=pixel_values.to(self.accelerator.device), num_beams=beams,
-                                     do_sample=False, max_new_tokens=self.max_new_tokens)
-            captions += self.processing_class.batch_decode(ids)
+            vision = {"pixel_values": pixel_values.to(self.accelerator.device)}
+            captions += self._decode(self._generate(vision, num_beams=beams, do_sample=False))[0]
         unwrapped.train(was_training)
         return captions
 
+    def random_batches(self, n: int) -> list[list[int]]:
+        """The evaluation's random batches of `args.eval_random_batch_size` images (fixed by `seed`)."""
+        size = min(self.args.eval_random_batch_size, n)
+        order = np.random.default_rng(self.args.seed).permutation(n)
+        return [order[b * size : (b + 1) * size].tolist() for b in range(n // size)] if size >= 2 else []
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """R@1 on the held-out bags (by `eval_judge`), CIDEr-D against the `captions` column, mean
-        caption length. Every process computes the same numbers (evaluation sets are small)."""
+        """R@1 by `eval_judge` among random batches of `args.eval_random_batch_size` images
+        (`{prefix}_r1_random`, the authors' validation) and on the held-out bags
+        (`{prefix}_r1_bags`), CIDEr-D against the `captions` column, mean caption length. Every
+        process computes the same numbers (evaluation sets are small)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("SRTrainer.evaluate needs an eval_dataset")
         captions = self.caption(dataset)
         metrics: dict[str, float] = {}
         if self.eval_judge is not None:
-            image_emb = self.eval_judge.embed_images(list(dataset["image"]),
-                                                     ids=list(dataset["cocoid"]) if "cocoid" in dataset.column_names else None)
+            ids = list(dataset["cocoid"]) if "cocoid" in dataset.column_names else None
+            image_emb = self.eval_judge.embed_images(list(dataset["image"]), ids=ids)
             text_emb = self.eval_judge.embed_texts(captions)
-            bags = self.eval_bags or [list(range(len(dataset)))]
-            correct = []
-            for bag in bags:
-                sim = similarity(text_emb[bag], image_emb[bag])  # (s, s)
-                correct.append(retrieval_scores(sim, torch.arange(len(bag)))[1])
-            metrics[f"{metric_key_prefix}_r1"] = 100.0 * torch.cat(correct).float().mean().item()
+
+            def r1(groups: list[list[int]]) -> float:
+                correct = [retrieval_scores(similarity(text_emb[g], image_emb[g]), torch.arange(len(g)))[1]
+                           for g in groups]
+                return 100.0 * torch.cat(correct).float().mean().item() if correct else math.nan
+
+            metrics[f"{metric_key_prefix}_r1_random"] = r1(self.random_batches(len(dataset)))
+            if self.eval_bags:
+                metrics[f"{metric_key_prefix}_r1_bags"] = r1(self.eval_bags)
         if "captions" in dataset.column_names:
             from metrics.cider import cider_d
 
-            references = [list(r) for r in dataset["captions"]]
+            from .rewards import as_references
+
+            references = [as_references(r, "captions") for r in dataset["captions"]]
             metrics[f"{metric_key_prefix}_cider"] = float(cider_d(captions, references)[0])  # DF from these refs
         metrics[f"{metric_key_prefix}_mean_words"] = sum(len(c.split()) for c in captions) / max(1, len(captions))
         self.log(metrics)
@@ -358,26 +534,47 @@ class SRTrainer(Trainer):
             "bag_epoch": sampler.epoch if sampler else None,
             "bag_size": sampler.bag_size if sampler else None,
             "bag_schedule": sampler.schedule if sampler else None,
-            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_rewards": self.nonfinite_rewards,
+            "skipped_updates": self.skipped_updates,
         }
 
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            with open(os.path.join(folder, SR_STATE_NAME), "w") as f:
-                json.dump(self.sr_state(), f, indent=2)
+    def save_state(self) -> None:
+        """`Trainer.save_state` (``trainer_state.json`` in `output_dir`), with the SR state in it."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, SRStateCallback):
+                self.state.stateful_callbacks[SRStateCallback.__name__] = callback.state()
+        super().save_state()
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` (or "true"/"last") resumes from the newest
+        *complete* checkpoint of `output_dir` (one interrupted while saving is skipped)."""
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last"):
+            resume_from_checkpoint = True
+        if resume_from_checkpoint is True:
+            found = last_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise FileNotFoundError(f"no complete SR checkpoint in {self.args.output_dir} to resume from; "
+                                        "start without --resume_from_checkpoint")
+            resume_from_checkpoint = found
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_callback_state(self) -> None:
+        super()._load_callback_state()
+        for callback in self.callback_handler.callbacks:  # a restored SRStateCallback lost its trainer
+            if isinstance(callback, SRStateCallback):
+                callback.trainer = self
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        state = read_sr_state(resume_from_checkpoint)
+        if state is None:
+            raise FileNotFoundError(f"{resume_from_checkpoint} holds no SR state (its {TRAINER_STATE_NAME} is missing, "
+                                    "unreadable or was not written by SRTrainer): the baseline and curriculum "
+                                    "cannot be restored. Resume from a complete checkpoint (resume_from_checkpoint=True "
+                                    "picks the newest one).")
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, SR_STATE_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: {resume_from_checkpoint} was not written by SRTrainer, "
-                                    "so the baseline and curriculum cannot be restored.")
-        with open(path) as f:
-            state = json.load(f)
         self.baseline.load_state_dict(state["baseline"])
-        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self.nonfinite_rewards = int(state.get("nonfinite_rewards", 0))
+        self.skipped_updates = int(state.get("skipped_updates", 0))
 
 
-__all__ = ["SRTrainer", "completion_mask"]
+__all__ = ["SRStateCallback", "SRTrainer", "completion_mask", "last_complete_checkpoint", "read_sr_state"]
