@@ -36,7 +36,8 @@ def main(out: str) -> None:
     log.close()
     with open(Path(out) / f"done{rank}.json", "w") as f:
         json.dump({"world_size": trainer.accelerator.num_processes, "global_step": trainer.state.global_step,
-                   "baseline": trainer.baseline.state_dict()}, f)
+                   "baseline": trainer.baseline.state_dict(),
+                   "distributed_type": str(trainer.accelerator.distributed_type)}, f)
 
 
 if __name__ == "__main__":

@@ -301,3 +301,75 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     (run / "checkpoint-8").mkdir()  # killed before anything was written
     assert last_complete_checkpoint(run) == str(run / "checkpoint-4")
     assert last_complete_checkpoint(tmp_path / "empty") is None
+
+
+# -- sharded training: sampling runs on gathered weights ---------------------------------------------
+
+
+def test_generation_gathers_deepspeed_zero3_parameters(tmp_path, tokenizer, data, monkeypatch):
+    """DeepSpeed is not installed here: a stub `deepspeed.zero.GatheredParameters` records that
+    SRTrainer's sampling runs inside the ZeRO-3 gather of trl's `unwrap_model_for_generation`."""
+    import contextlib
+    import types
+
+    from trl.distributed import DistributedBackend
+
+    events = []
+
+    @contextlib.contextmanager
+    def gathered(params, *args, **kwargs):
+        events.append(("gather", len(list(params))))
+        yield
+        events.append(("release", None))
+
+    model, processor = tiny.build_tiny_clipcap(tokenizer)
+    trainer = SRTrainer(model, [lambda completions, **kw: [1.0] * len(completions)], args=config(tmp_path),
+                        train_dataset=data, processing_class=processor)
+    import importlib.machinery
+
+    stub = types.ModuleType("deepspeed")
+    stub.__spec__ = importlib.machinery.ModuleSpec("deepspeed", loader=None)  # not "installed": no metadata
+    stub.zero = types.SimpleNamespace(GatheredParameters=gathered)
+    monkeypatch.setitem(sys.modules, "deepspeed", stub)
+    monkeypatch.setattr(DistributedBackend, "is_zero3", property(lambda self: True))
+    original = trainer.model.generate
+
+    def generate(**kw):
+        events.append(("generate", None))
+        return original(**kw)
+
+    monkeypatch.setattr(trainer.model, "generate", generate)
+    batch = trainer.data_collator([dict(data[i], bag_id=0) for i in range(3)])
+    trainer._prepare_inputs(batch)
+    assert events == [("gather", len(list(model.parameters()))), ("generate", None), ("release", None)]
+
+
+def test_generation_summons_full_fsdp1_parameters(tmp_path, tokenizer, data, monkeypatch):
+    """accelerate 1.15 never selects FSDP on CPU processes (torch's FSDP2 itself runs on gloo), so an
+    FSDP run needs GPUs: a stub `FSDP.summon_full_params` records that sampling runs inside it."""
+    import contextlib
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    events = []
+
+    @contextlib.contextmanager
+    def summon(module, **kwargs):
+        events.append(("summon", kwargs.get("recurse")))
+        yield
+        events.append(("release", None))
+
+    model, processor = tiny.build_tiny_clipcap(tokenizer)
+    trainer = SRTrainer(model, [lambda completions, **kw: [1.0] * len(completions)], args=config(tmp_path),
+                        train_dataset=data, processing_class=processor)
+    monkeypatch.setattr(FullyShardedDataParallel, "summon_full_params", staticmethod(summon))
+    monkeypatch.setattr(trainer._dist, "fsdp_version", 1)
+    original = trainer.model.generate
+
+    def generate(**kw):
+        events.append(("generate", None))
+        return original(**kw)
+
+    monkeypatch.setattr(trainer.model, "generate", generate)
+    trainer._prepare_inputs(trainer.data_collator([dict(data[i], bag_id=0) for i in range(3)]))
+    assert events == [("summon", False), ("generate", None), ("release", None)]

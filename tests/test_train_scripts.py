@@ -64,7 +64,7 @@ def test_bags_stay_whole_across_two_processes_and_accumulation(tmp_path):
                          cwd=ROOT, env=accelerate_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     done = [json.loads((tmp_path / f"done{r}.json").read_text()) for r in (0, 1)]
-    assert all(d["world_size"] == 2 for d in done)  # two ranks really ran
+    assert all(d["world_size"] == 2 and d["distributed_type"] == "DistributedType.MULTI_CPU" for d in done)
     records = [json.loads(line) for r in (0, 1) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()]
     assert {r["rank"] for r in records} == {0, 1}
     # 8 bags of 3 -> 8 micro-batches of 1 bag; 2 ranks x 2 accumulation steps = 4 micro-batches per update
