@@ -62,6 +62,10 @@ class SRConfig(TrainingArguments):
             `"sum"`: the caption's log-probability.
         disable_dropout (`bool`, defaults to `True`):
             Turn off dropout so that sampling and the log-probability pass see the same policy.
+        logprob_chunk_size (`int`, *optional*, defaults to `25`):
+            Captions per forward + backward chunk of the log-probability pass (their float32 logits
+            over the vocabulary are what fills memory: 25 x 41 x 50257 x 4 B ~ 0.2 GB per copy);
+            None = the whole micro-batch at once. The gradient is the same either way.
 
         > Parameters that control the reward
 
@@ -117,6 +121,9 @@ class SRConfig(TrainingArguments):
     # loss
     logprob_reduction: str = field(default="mean", metadata={"help": "'mean' over caption tokens or 'sum'."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off during SR training."})
+    logprob_chunk_size: int | None = field(
+        default=25, metadata={"help": "Captions per forward+backward chunk of the log-prob pass (memory)."}
+    )
     # reward
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weight of each reward function."})
     baseline: str = field(default="auto", metadata={"help": "auto | mean | greedy | rloo."})
@@ -162,6 +169,8 @@ class SRConfig(TrainingArguments):
             raise ValueError("baseline='rloo' (leave-one-out) needs num_generations >= 2")
         if self.lora_init not in LORA_INITS:
             raise ValueError(f"lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
+            raise ValueError(f"logprob_chunk_size must be >= 1 (or None), got {self.logprob_chunk_size}")
         if self.eval_num_beams < 1:
             raise ValueError(f"eval_num_beams must be >= 1, got {self.eval_num_beams}")
         if self.eval_random_batch_size < 2:

@@ -322,12 +322,14 @@ class SRTrainer(Trainer):
     # -- one step ----------------------------------------------------------------------------------
 
     def _generate(self, vision: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
-        """``model.generate`` on the full weights (gathered under DeepSpeed ZeRO-3 / FSDP)."""
+        """``model.generate`` on the full weights (gathered under DeepSpeed ZeRO-3 / FSDP), in bf16
+        autocast under ``--bf16``."""
         with (
             unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation) as unwrapped,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            self.accelerator.autocast(),  # --bf16: one autocast region, weights cast once per call
         ):
             return unwrapped.generate(**vision, max_new_tokens=self.max_new_tokens, **kwargs)
 
@@ -412,46 +414,59 @@ class SRTrainer(Trainer):
         self._log_metric("skipped_updates_total", float(self.skipped_updates))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """REINFORCE: ``-(R - b) * log p(c | i)`` averaged over the micro-batch's captions."""
+        """REINFORCE: ``-(R - b) * log p(c | i)`` summed over `inputs`' captions and divided by
+        `num_items_in_batch` (the micro-batch's captions; default: those of `inputs`)."""
         ids, mask = inputs["completion_ids"], inputs["completion_mask"]
         vision = {k: inputs[k] for k in ("pixel_values", "image_embeds") if k in inputs}
         # the last T + 1 positions: the one before the first caption token predicts it; the very
-        # last predicts nothing we sampled
+        # last predicts nothing we sampled. Under --bf16 the forward runs in autocast and accelerate
+        # returns float32 logits: log-softmax, rewards and the loss stay float32.
         logits = model(**vision, input_ids=ids, attention_mask=mask.long(),
-                       logits_to_keep=ids.shape[1] + 1).logits[:, :-1]  # (n, T, V)
-        logits = logits / self.args.temperature  # the same tempered policy that sampled
-        token_logps = selective_log_softmax(logits, ids)  # (n, T)
+                       logits_to_keep=ids.shape[1] + 1).logits[:, :-1].float()  # (n, T, V)
+        # log-probs of the same tempered policy that sampled
+        token_logps = selective_log_softmax(logits, ids, temperature=self.args.temperature)  # (n, T)
         caption_logps = (token_logps * mask).sum(1)
         if self.args.logprob_reduction == "mean":
             caption_logps = caption_logps / mask.sum(1).clamp(min=1)
-        loss = -(inputs["advantages"] * caption_logps).sum() / max(1, len(ids))
-        with torch.no_grad():
-            entropy = (entropy_from_logits(logits) * mask).sum() / mask.sum().clamp(min=1)
-        self._log_metric("entropy", entropy.item())
+        loss = -(inputs["advantages"] * caption_logps).sum() / max(1, num_items_in_batch or len(ids))
+        with torch.no_grad():  # only at the caption's own positions
+            self._log_metric("entropy", entropy_from_logits(logits[mask.bool()] / self.args.temperature).mean().item()
+                             if mask.any() else math.nan)
         return (loss, logits) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """Like `Trainer.training_step`, but the backward pass is skipped on every process (no
-        update from this micro-batch, not even weight decay) when the loss is not finite or no
-        caption of the micro-batch has a finite reward, with a warning and a counter."""
+        """Like `Trainer.training_step`, with the log-probability pass (forward + backward) run over
+        chunks of `args.logprob_chunk_size` captions, so memory holds one chunk's logits over the
+        vocabulary, not the whole micro-batch's. A chunk whose loss is not finite on any process is
+        left out on every process; when no caption of the micro-batch has a finite reward nothing
+        runs (no update, not even weight decay). Both are warned and counted."""
         model.train()
         inputs = self._prepare_inputs(inputs)
-        start = time.perf_counter()
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        flags = torch.stack([torch.isfinite(loss.detach()), inputs["valid"].any()]).float().reshape(1, 2)
-        flags = self.accelerator.gather(flags.to(loss.device)).reshape(-1, 2)  # (processes, 2)
-        finite, any_valid = bool(flags[:, 0].min() > 0), bool(flags[:, 1].max() > 0)
-        if not finite or not any_valid:
+        device = inputs["advantages"].device
+        if not bool(self.accelerator.gather(inputs["valid"].any().float().reshape(1).to(device)).max() > 0):
             self.skipped_updates += 1
-            why = "non-finite SR loss" if not finite else "no caption with a finite reward"
-            warnings.warn(f"{why} at step {self.state.global_step}: the update is skipped "
+            warnings.warn(f"no caption with a finite reward at step {self.state.global_step}: the update is skipped "
                           f"(total skipped: {self.skipped_updates}).")
             return torch.zeros((), device=self.args.device)
-        loss = loss / self.current_gradient_accumulation_steps
-        self.accelerator.backward(loss)
+        start = time.perf_counter()
+        n = len(inputs["completion_ids"])
+        size = self.args.logprob_chunk_size or n
+        total, skipped = torch.zeros((), device=device), 0
+        for first in range(0, n, size):
+            chunk = {key: value[first : first + size] for key, value in inputs.items()}
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, chunk, num_items_in_batch=n)
+            if not bool(self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0):
+                skipped += 1
+                continue
+            self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+            total += loss.detach()
+        if skipped:
+            self.skipped_updates += 1
+            warnings.warn(f"non-finite SR loss at step {self.state.global_step} in {skipped} of "
+                          f"{-(-n // size)} chunk(s): their update is skipped (total skipped: {self.skipped_updates}).")
         self._log_metric("timing/logprob_fwd_bwd_s", time.perf_counter() - start)
-        return loss.detach()
+        return total / self.current_gradient_accumulation_steps
 
     # -- evaluation ----------------------------------------------------------------------------
 
