@@ -15,9 +15,9 @@ One implementation, self-contained folder: ``cider.py``, ``bleu.py``, ``ptb_toke
 ``ptb_lexer_tables.py`` and ``caption_metric.py`` (what the project's modules share: ``None`` =
 missing caption, arguments of other modules of an ``evaluate.combine`` ignored) in this folder are
 *symbolic links* to ``../<name>.py`` (git stores them as links). This script imports each of them
-with a relative import at the start of a line (``from .cider import cider_d``), which is what ``evaluate`` looks for: ``evaluate.load`` then copies
-the files into its module cache (``shutil.copyfile`` follows the links, so the copies hold the real
-code) and the copies import each other relatively as siblings, exactly as ``metrics/*.py`` do inside
+with a relative import at the start of a line (``from .cider import cider_d``), which is what
+``evaluate`` looks for: ``evaluate.load`` then copies the files into its module cache
+(``shutil.copyfile`` follows the links, so the copies hold the real code) and the copies import each other relatively as siblings, exactly as ``metrics/*.py`` do inside
 the ``metrics`` package. ``huggingface_hub.upload_folder`` also follows the links, so a Hub
 repository gets the real files. Nothing is imported from the repository at run time.
 Rules for such a script: put no comment on an import line (evaluate would read it as a download URL,
