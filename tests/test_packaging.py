@@ -33,7 +33,8 @@ def source_files() -> list[str]:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, text=True)
     if listed.returncode == 0:
-        return [f for f in listed.stdout.splitlines() if (ROOT / f).is_file() or (ROOT / f).is_symlink()]
+        return [f for f in listed.stdout.splitlines()
+                if f.split("/")[0] not in (".venv", ".git") and ((ROOT / f).is_file() or (ROOT / f).is_symlink())]
     skip = {".git", ".venv", "__pycache__", "demo_out", "build", ".pytest_cache"}
     return [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
             if p.is_file() and not skip & set(p.relative_to(ROOT).parts) and ".egg-info" not in str(p)]
