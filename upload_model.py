@@ -7,9 +7,9 @@
 
 The staged folder (what gets pushed) holds:
 
-- ``model.safetensors``, ``config.json`` (with ``auto_map`` for AutoModel /
-  AutoModelForImageTextToText and ``custom_pipelines`` for the "image-to-text" pipeline),
-  ``generation_config.json``;
+- ``model.safetensors``, ``config.json`` (with ``auto_map``, the same as any ``save_pretrained``
+  writes: ``modeling_clipcap.AUTO_MAP``, and ``custom_pipelines`` for the "image-to-text"
+  pipeline), ``generation_config.json``;
 - the remote code: ``configuration_clipcap.py``, ``modeling_clipcap.py``,
   ``processing_clipcap.py``, ``pipeline_clipcap.py``;
 - the processor files (``processor_config.json``, tokenizer files);
@@ -191,12 +191,10 @@ def save_model_folder(model, processor, folder: Path) -> None:
     modeling, processing, pipeline) and processor files."""
     from transformers.dynamic_module_utils import custom_object_save
 
+    from modeling_clipcap import AUTO_MAP
     from modeling_clipcap.pipeline_clipcap import ClipCapCaptioningPipeline, custom_pipelines_entry
 
     model.config.custom_pipelines = custom_pipelines_entry()
-    model.config.auto_map = {"AutoConfig": "configuration_clipcap.ClipCapConfig",
-                             "AutoModel": "modeling_clipcap.ClipCapForCaptioning",
-                             "AutoModelForImageTextToText": "modeling_clipcap.ClipCapForCaptioning"}
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     custom_object_save(ClipCapCaptioningPipeline, folder)
@@ -204,7 +202,7 @@ def save_model_folder(model, processor, folder: Path) -> None:
     expected = {"configuration_clipcap.py", "modeling_clipcap.py", "processing_clipcap.py", "pipeline_clipcap.py",
                 "model.safetensors", "config.json", "generation_config.json"}
     missing = sorted(n for n in expected if not (folder / n).is_file())
-    if missing or "AutoModel" not in config.get("auto_map", {}) or "custom_pipelines" not in config:
+    if missing or config.get("auto_map") != AUTO_MAP or "custom_pipelines" not in config:
         raise UploadError(f"the staged folder is incomplete (missing {missing or 'auto_map/custom_pipelines'}); "
                           "this is a bug in upload_model.py.")
 

@@ -28,6 +28,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_clipcap import ClipCapConfig
 from .pipeline_clipcap import custom_pipelines_entry
 
+# The Auto classes a saved folder loads with under `trust_remote_code=True`, as written into its
+# config.json by every `save_pretrained` (upload_model.py adds nothing): class references are
+# "<file>.<class>" of the remote-code files saved beside the weights. `modeling_clipcap/__init__.py`
+# registers the same classes with these Auto classes in this repository.
+AUTO_MAP = {
+    "AutoConfig": "configuration_clipcap.ClipCapConfig",
+    "AutoModel": "modeling_clipcap.ClipCapForCaptioning",
+    "AutoModelForImageTextToText": "modeling_clipcap.ClipCapForCaptioning",
+    "AutoProcessor": "processing_clipcap.ClipCapProcessor",
+}
+
 
 class ClipCapMLPMapper(nn.Module):
     """Linear → Tanh → Linear from one image embedding to ``prefix_length`` embeddings (paper Sec. 4.1)."""
@@ -178,7 +189,9 @@ class ClipCapForCaptioning(ClipCapPreTrainedModel, GenerationMixin):
             self.vision_model.requires_grad_(False)
         self.post_init()
         self.generation_config = default_generation_config(config)
-        # saved folders carry the "image-to-text" pipeline (pipeline_clipcap.py travels as remote code)
+        # saved folders load with every Auto class of AUTO_MAP and carry the "image-to-text" pipeline
+        # (the code files, pipeline_clipcap.py included, travel as remote code)
+        self.config.auto_map = dict(AUTO_MAP)
         self.config.custom_pipelines = custom_pipelines_entry()
 
     @classmethod
@@ -344,4 +357,4 @@ def default_generation_config(config: ClipCapConfig) -> GenerationConfig:
     )
 
 
-__all__ = ["ClipCapForCaptioning", "ClipCapPreTrainedModel", "default_generation_config"]
+__all__ = ["AUTO_MAP", "ClipCapForCaptioning", "ClipCapPreTrainedModel", "default_generation_config"]

@@ -8,12 +8,13 @@ from typing import Any
 
 
 def chromium_paths() -> tuple[str, str]:
-    """(chromium, chromedriver). CI (``.ci/run``) installs them: a missing browser is a broken
-    environment, not a reason to skip."""
+    """(chromium, chromedriver). `make test` installs them (.ci/ensure_browser.sh): a missing
+    browser is a broken environment, not a reason to skip."""
     browser = shutil.which("chromium") or "/usr/bin/chromium"
     driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
     missing = [p for p in (browser, driver) if not Path(p).exists()]
-    assert not missing, f"{missing} not found: install with `apt-get install chromium chromium-driver` (see .ci/run)"
+    assert not missing, (f"{missing} not found: install with `apt-get install chromium chromium-driver` "
+                         "(make test does when allowed)")
     return browser, driver
 
 

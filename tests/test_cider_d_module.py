@@ -1,7 +1,8 @@
 """The `cider_d` evaluate module: loads offline from its folder in a fresh process, self-contained.
 
-metrics/cider_d/{cider,bleu,ptb_tokenizer,ptb_lexer_tables}.py are symbolic links to the single
-implementation in metrics/; `evaluate.load` must copy their contents into its module cache.
+metrics/cider_d/{cider,bleu,ptb_tokenizer,ptb_lexer_tables,caption_metric}.py are symbolic links to
+the single implementation in metrics/; `evaluate.load` must copy their contents into its module
+cache. A `None` prediction is a missing caption, scored as an empty one and reported.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from metrics.ptb_tokenizer import ptb_tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "metrics" / "cider_d"
-LINKED = ["cider.py", "bleu.py", "ptb_tokenizer.py", "ptb_lexer_tables.py"]
+LINKED = ["cider.py", "bleu.py", "ptb_tokenizer.py", "ptb_lexer_tables.py", "caption_metric.py"]
 
 PREDICTIONS = ["A dog runs on the grass.", "A cat on a sofa.", "Two men, (one in red) playing frisbee!"]
 REFERENCES = [["A dog running on the grass.", "A brown dog runs outside."],
@@ -108,3 +109,26 @@ def test_docstring_examples_run(monkeypatch):
     assert len(test.examples) >= 3
     result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test)
     assert result.failed == 0
+
+
+def test_missing_caption_scores_as_an_empty_caption(monkeypatch):
+    import evaluate
+
+    monkeypatch.chdir(ROOT)
+    module = evaluate.load("metrics/cider_d")
+    assert module.name == "cider_d"
+    predictions = [None, *PREDICTIONS[1:]]
+    got = module.compute(predictions=predictions, references=REFERENCES, per_caption=True)
+    tok_refs = [ptb_tokenize(r) for r in REFERENCES]
+    tok_preds = ptb_tokenize(["", *PREDICTIONS[1:]])
+    assert tok_preds[0] == ""
+    gts, res = dict(enumerate(tok_refs)), {i: [p] for i, p in enumerate(tok_preds)}
+    cider, per_caption = Cider().compute_score(gts, res)
+    bleus, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert got["cider"] == pytest.approx(cider, abs=1e-12) and got["cider_per_caption"][0] == 0.0
+    assert np.abs(np.array(got["cider_per_caption"]) - per_caption).max() <= 1e-12
+    assert [got[f"bleu_{k}"] for k in range(1, 5)] == bleus
+    assert got["missing"] == [0] and got["num_missing"] == 1
+    module.add_batch(predictions=predictions[:1], references=REFERENCES[:1])  # None first in its batch
+    module.add_batch(predictions=predictions[1:], references=REFERENCES[1:])
+    assert module.compute(per_caption=True) == got

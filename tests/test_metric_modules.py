@@ -1,11 +1,16 @@
-"""The evaluate modules truematch / self_retrieval / clip_score: they load from their folders
-(also in a fresh process outside the repo, offline), return known values on crafted embeddings,
-agree with an independent computation on real (tiny-judge) embeddings, and their docstring
-examples run."""
+"""The evaluate modules truematch / self_retrieval / clip_score (and, for what all four share,
+cider_d): they load from their folders (also in a fresh process outside the repo, offline), return
+known values on crafted embeddings, agree with an independent computation on real (tiny-judge)
+embeddings, and their docstring examples run; they are named after their folders, compose with
+`evaluate.combine`, take `None` as a missing caption through `add` / `add_batch`, and each folder is
+a Hub metric Space (app.py, requirements.txt)."""
 
+import ast
 import doctest
+import importlib.metadata
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +19,7 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from metrics.clip_judge import ClipJudge, random_distractors
@@ -21,6 +27,7 @@ from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("truematch", "self_retrieval", "clip_score")
+ALL_MODULES = (*MODULES, "cider_d")
 CAPTIONS = ["a red circle.", "two blue squares.", "a green star at the top.", "one yellow diamond.",
             "a large purple triangle.", "three orange circles on the right.", "a black star.", "a white square."]
 
@@ -46,8 +53,9 @@ def test_modules_are_self_contained_folders():
     for name in MODULES:
         folder = ROOT / "metrics" / name
         assert (folder / f"{name}.py").is_file() and (folder / "README.md").is_file()
-        link = folder / "clip_judge.py"  # the one core, vendored by symlink
-        assert link.is_symlink() and link.resolve() == (ROOT / "metrics" / "clip_judge.py").resolve()
+        for shared in ("clip_judge.py", "caption_metric.py"):  # the one core, vendored by symlink
+            link = folder / shared
+            assert link.is_symlink() and link.resolve() == (ROOT / "metrics" / shared).resolve()
         card = (folder / "README.md").read_text()
         assert card.startswith("---\n") and "## How to use" in card
 
@@ -275,3 +283,104 @@ def test_pil_images_and_paths_give_the_same_result(judge, tmp_path):
     a = m.compute(predictions=CAPTIONS[:3], images=images, bags=[[0, 1, 2]], judge=judge, return_details=True)
     b = m.compute(predictions=CAPTIONS[:3], images=paths, bags=[[0, 1, 2]], judge=judge, return_details=True)
     assert a["per_bag"] == b["per_bag"] and a["clip_score"] == pytest.approx(b["clip_score"], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the four modules share: names, evaluate.combine, missing captions, Hub Space files
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_MODULES)
+def test_module_is_named_after_its_folder(name):
+    assert load(name).name == name
+    link = ROOT / "metrics" / name / "caption_metric.py"
+    assert link.is_symlink() and link.resolve() == (ROOT / "metrics" / "caption_metric.py").resolve()
+
+
+def test_combine_cider_d_and_truematch(judge, text_emb, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    preds = CAPTIONS[:3] + [None]
+    refs = [[c, "a shape."] for c in CAPTIONS[:4]]
+    args = dict(image_embeddings=text_emb[:4], bags=[[0, 1], [2, 3]], judge=judge)
+    combined = evaluate.combine(["metrics/cider_d", "metrics/truematch"]).compute(
+        predictions=preds, references=refs, **args)
+    cider = load("cider_d").compute(predictions=preds, references=refs)
+    tm = load("truematch").compute(predictions=preds, **args)
+    shared = {"missing", "num_missing"}  # both return them: evaluate prefixes the module name
+    assert set(cider) & set(tm) == shared
+    expected = {**{k: v for k, v in cider.items() if k not in shared}, **{f"cider_d_{k}": cider[k] for k in shared},
+                **{k: v for k, v in tm.items() if k not in shared}, **{f"truematch_{k}": tm[k] for k in shared}}
+    assert combined == expected
+    assert combined["truematch_missing"] == combined["cider_d_missing"] == [3]
+    assert combined["recall_at_1"] == pytest.approx(3 / 4) and combined["cider"] > 0
+    # a module alone ignores the other's arguments too
+    assert load("cider_d").compute(predictions=preds, references=refs, **args) == cider
+    assert load("truematch").compute(predictions=preds, references=refs, tokenize=False, **args) == tm
+
+
+def test_add_batch_takes_none_as_a_missing_caption(judge, text_emb):
+    """Through `add_batch` (each batch's first value is the one evaluate type-checks) and `add`,
+    alone and combined, `None` gives what `compute(predictions=[..., None, ...])` gives."""
+    preds = [CAPTIONS[0], None, None, CAPTIONS[3], CAPTIONS[4], None]
+    refs = [[c] for c in CAPTIONS[:6]]
+    args = dict(image_embeddings=text_emb[:6], bags=[[0, 1, 2], [3, 4, 5]], num_distractors=3, judge=judge)
+    modules = {name: str(ROOT / "metrics" / name) for name in ALL_MODULES}
+    combined = evaluate.combine(modules, force_prefix=True)
+    combined.add_batch(predictions=preds[:1], references=refs[:1])
+    combined.add_batch(predictions=preds[1:4], references=refs[1:4])  # starts with None
+    for pred, ref in zip(preds[4:], refs[4:]):
+        combined.add(prediction=pred, reference=ref)
+    out = combined.compute(**args)
+    for name in ALL_MODULES:
+        extra = {"references": refs} if name == "cider_d" else {}
+        direct = load(name).compute(predictions=preds, **extra, **args)
+        assert {k[len(name) + 1:]: v for k, v in out.items() if k.startswith(name + "_")} == direct, name
+        assert direct["missing"] == [1, 2, 5] and direct["num_missing"] == 3, name
+    for name in MODULES:  # a missing caption is wrong and scores 0
+        single = load(name)
+        single.add_batch(predictions=[None, None])
+        result = single.compute(image_embeddings=text_emb[:2], bags=[[0, 1]], num_distractors=1, judge=judge)
+        assert result["missing"] == [0, 1] and result["clip_score"] == 0.0
+        assert result.get("recall_at_1", 0.0) == 0.0
+
+
+def _imported_distributions(folder: Path) -> set[str]:
+    """Distributions of the third-party libraries imported by the module's files (symlinks followed)."""
+    names = set()
+    for path in folder.glob("*.py"):
+        if path.name == "app.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names.add(node.module.split(".")[0])
+    names -= set(sys.stdlib_module_names) | {"__future__"}
+    dists = importlib.metadata.packages_distributions()
+    return {dists[n][0].lower().replace("_", "-") for n in names}
+
+
+def _pins(path: Path) -> dict[str, str]:
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return {name.lower().replace("_", "-"): version for name, version in
+            (line.split("==") for line in lines if line)}
+
+
+@pytest.mark.parametrize("name", ALL_MODULES)
+def test_module_folder_is_a_hub_metric_space(name, monkeypatch):
+    folder = ROOT / "metrics" / name
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and "evaluate" in meta["tags"]
+    # app.py: evaluate's widget on this folder's module, loaded from any working directory
+    launched = []
+    monkeypatch.setattr(evaluate.utils, "launch_gradio_widget", launched.append)
+    monkeypatch.chdir(ROOT / "tests")
+    runpy.run_path(str(folder / "app.py"), run_name="__main__")
+    assert [m.name for m in launched] == [name]
+    # requirements.txt: every library the module imports, pinned as the repository's requirements.txt
+    pins, repo_pins = _pins(folder / "requirements.txt"), _pins(ROOT / "requirements.txt")
+    imported = _imported_distributions(folder)
+    assert {"evaluate", "datasets", "numpy"} <= imported
+    assert imported <= set(pins), f"{name}/requirements.txt lacks {sorted(imported - set(pins))}"
+    assert all(repo_pins.get(dist) == version for dist, version in pins.items()), pins

@@ -11,12 +11,13 @@ The PTB tokenizer reads the tables of its automaton at run time from the jar tha
 Java is not): nothing derived from CoreNLP (GPL) is part of this module or of the NDLB repository.
 The ``import pycocoevalcap`` line below makes ``evaluate.load`` name that requirement if it is missing.
 
-One implementation, self-contained folder: ``cider.py``, ``bleu.py``, ``ptb_tokenizer.py`` and
-``ptb_lexer_tables.py`` in this folder are *symbolic links* to ``../<name>.py`` (git stores them as
-links). This script imports each of them with a relative import at the start of a line
-(``from .cider import CiderD``), which is what ``evaluate`` looks for: ``evaluate.load`` then copies
-the files into its module cache (``shutil.copyfile`` follows the links, so the copies hold the real
-code) and the copies import each other relatively as siblings, exactly as ``metrics/*.py`` do inside
+One implementation, self-contained folder: ``cider.py``, ``bleu.py``, ``ptb_tokenizer.py``,
+``ptb_lexer_tables.py`` and ``caption_metric.py`` (what the project's modules share: ``None`` =
+missing caption, arguments of other modules of an ``evaluate.combine`` ignored) in this folder are
+*symbolic links* to ``../<name>.py`` (git stores them as links). This script imports each of them
+with a relative import at the start of a line (``from .cider import cider_d``), which is what
+``evaluate`` looks for: ``evaluate.load`` then copies the files into its module cache
+(``shutil.copyfile`` follows the links, so the copies hold the real code) and the copies import each other relatively as siblings, exactly as ``metrics/*.py`` do inside
 the ``metrics`` package. ``huggingface_hub.upload_folder`` also follows the links, so a Hub
 repository gets the real files. Nothing is imported from the repository at run time.
 Rules for such a script: put no comment on an import line (evaluate would read it as a download URL,
@@ -30,7 +31,9 @@ import numpy as np
 import pycocoevalcap
 
 from .bleu import bleu
-from .cider import CiderD, cider_d
+from .caption_metric import CaptionMetric, split_missing
+from .cider import CiderD as CiderDScorer
+from .cider import cider_d
 from .ptb_lexer_tables import load_tables
 from .ptb_tokenizer import ptb_tokenize
 
@@ -71,7 +74,8 @@ pycocoevalcap, unless another reference corpus is given.
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (`list` of `str`): one caption per image.
+    predictions (`list` of `str` or `None`): one caption per image; `None` = missing caption
+        (scored as an empty caption: CIDEr-D 0, no words for BLEU).
     references (`list` of `list` of `str`): the reference captions of each image (at least one).
     tokenize (`bool`, default `True`): PTB-tokenise (pycocoevalcap's tokenizer, in Python) before
         scoring. Use `False` for captions that are already tokenised (words split on white space).
@@ -83,6 +87,7 @@ Returns:
     cider (`float`): corpus CIDEr-D (mean over captions; 1.0 = 100 in papers' tables).
     cider_per_caption (`list` of `float`): only with `per_caption=True`.
     bleu_1, bleu_2, bleu_3, bleu_4 (`float`): corpus BLEU-n (pycocoevalcap, closest reference length).
+    num_missing (`int`) and missing (`list` of indices): the `None` predictions.
 Examples:
     >>> import evaluate
     >>> cider = evaluate.load("metrics/cider_d")
@@ -99,8 +104,8 @@ Examples:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class CIDErD(evaluate.Metric):
-    """CIDEr-D and BLEU-1..4 as pycocoevalcap computes them, without Java."""
+class CiderD(CaptionMetric):
+    """CIDEr-D and BLEU-1..4 as pycocoevalcap computes them, without Java (module name ``cider_d``)."""
 
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
@@ -115,7 +120,8 @@ class CIDErD(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, tokenize=True, per_caption=False, document_frequency_corpus=None):
-        raw_predictions, raw_references = list(predictions), [list(r) for r in references]
+        raw_predictions, missing_mask = split_missing(predictions)  # None = a missing caption: scored as ""
+        raw_references = [list(r) for r in references]
         predictions, references = raw_predictions, raw_references
         if tokenize:  # once for both metrics, as pycocoevalcap: all references in order, then all predictions
             flat = ptb_tokenize([r for refs in raw_references for r in refs])
@@ -127,7 +133,7 @@ class CIDErD(evaluate.Metric):
         else:
             scorer = document_frequency_corpus
             if not hasattr(scorer, "score"):
-                scorer = CiderD([list(r) for r in document_frequency_corpus], tokenize=tokenize)
+                scorer = CiderDScorer([list(r) for r in document_frequency_corpus], tokenize=tokenize)
             if getattr(scorer, "tokenize", False):  # the scorer tokenises its inputs itself
                 corpus, scores = scorer.score(raw_predictions, raw_references)
             else:
@@ -137,4 +143,6 @@ class CIDErD(evaluate.Metric):
         if per_caption:
             out["cider_per_caption"] = [float(s) for s in scores]
         out.update({f"bleu_{k + 1}": float(b) for k, b in enumerate(bleus)})
+        missing = [i for i, m in enumerate(missing_mask) if m]
+        out.update(num_missing=len(missing), missing=missing)
         return out

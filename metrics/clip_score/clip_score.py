@@ -6,6 +6,7 @@ import datasets
 import evaluate
 import torch
 
+from .caption_metric import CaptionMetric, split_missing
 from .clip_judge import DEFAULT_JUDGE, get_judge, resolve_image_embeddings
 
 __all__ = ["ClipScore"]
@@ -73,7 +74,7 @@ Examples:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class ClipScore(evaluate.Metric):
+class ClipScore(CaptionMetric):
     """CLIP-S and RefCLIP-S (Hessel et al., 2021)."""
 
     def _info(self):
@@ -87,22 +88,18 @@ class ClipScore(evaluate.Metric):
         )
 
     def compute(self, *, predictions=None, references=None, **kwargs):
-        """evaluate's `compute`; `None` marks a missing caption and `references` (lists of
-        reference captions, optional) are passed through to the metric."""
-        if predictions is not None:
-            predictions = list(predictions)
-            kwargs["missing_mask"] = [p is None for p in predictions]
-            predictions = ["" if p is None else p for p in predictions]
+        """evaluate's `compute`; `references` (lists of reference captions, optional: RefCLIPScore)
+        are an argument of the metric, not stored inputs."""
         if references is not None:
             kwargs["reference_captions"] = references
         return super().compute(predictions=predictions, **kwargs)
 
     def _compute(self, predictions, images=None, image_embeddings=None, ids=None, reference_captions=None,
                  w=2.5, prompt="A photo depicts", judge=DEFAULT_JUDGE, judge_backend="auto",
-                 judge_pretrained=None, device=None, batch_size=64, cache_dir=None, missing_mask=None,
-                 return_details=False, progress=False):
+                 judge_pretrained=None, device=None, batch_size=64, cache_dir=None, return_details=False,
+                 progress=False):
+        predictions, missing_mask = split_missing(predictions)  # None = a missing caption
         n = len(predictions)
-        missing_mask = list(missing_mask) if missing_mask is not None else [False] * n
         if images is not None and len(images) != n:
             raise ValueError(f"got {n} predictions but {len(images)} images")
         refs = reference_captions

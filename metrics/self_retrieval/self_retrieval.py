@@ -12,6 +12,7 @@ import datasets
 import evaluate
 import torch
 
+from .caption_metric import CaptionMetric, split_missing
 from .clip_judge import (
     DEFAULT_JUDGE,
     bag_recall_at_1,
@@ -111,7 +112,7 @@ Examples:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class SelfRetrieval(evaluate.Metric):
+class SelfRetrieval(CaptionMetric):
     """RD-k and image-set self-retrieval on the shared CLIP-scoring core."""
 
     def _info(self):
@@ -125,20 +126,12 @@ class SelfRetrieval(evaluate.Metric):
                             "https://github.com/McGill-NLP/imagecode"],
         )
 
-    def compute(self, *, predictions=None, **kwargs):
-        """evaluate's `compute`, where `None` marks a missing caption (counted as wrong)."""
-        if predictions is not None:
-            predictions = list(predictions)
-            kwargs["missing_mask"] = [p is None for p in predictions]
-            predictions = ["" if p is None else p for p in predictions]
-        return super().compute(predictions=predictions, **kwargs)
-
     def _compute(self, predictions, images=None, image_embeddings=None, ids=None, num_distractors=99,
                  seed=0, image_sets=None, targets=None, image_set_ids=None, groups=None,
                  judge=DEFAULT_JUDGE, judge_backend="auto", judge_pretrained=None, device=None,
-                 batch_size=64, cache_dir=None, missing_mask=None, return_details=False, progress=False):
+                 batch_size=64, cache_dir=None, return_details=False, progress=False):
+        predictions, missing_mask = split_missing(predictions)  # None = a missing caption
         n = len(predictions)
-        missing_mask = list(missing_mask) if missing_mask is not None else [False] * n
         if groups is not None and len(groups) != n:
             raise ValueError(f"got {n} predictions but {len(groups)} groups")
         judge = get_judge(judge, backend=judge_backend, pretrained=judge_pretrained, device=device,

@@ -9,6 +9,7 @@ import datasets
 import evaluate
 import torch
 
+from .caption_metric import CaptionMetric, split_missing
 from .clip_judge import DEFAULT_JUDGE, bag_recall_at_1, clip_s, get_judge, resolve_image_embeddings, similarity
 
 __all__ = ["Truematch"]
@@ -83,7 +84,7 @@ Examples:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class Truematch(evaluate.Metric):
+class Truematch(CaptionMetric):
     """TrueMatch bag R@1 (NDLB Sec. 3) on the shared CLIP-scoring core."""
 
     def _info(self):
@@ -96,19 +97,11 @@ class Truematch(evaluate.Metric):
             reference_urls=["https://github.com/manugaurdl/no-detail-left-behind"],
         )
 
-    def compute(self, *, predictions=None, **kwargs):
-        """evaluate's `compute`, where `None` marks a missing caption (counted as wrong)."""
-        if predictions is not None:
-            predictions = list(predictions)
-            kwargs["missing_mask"] = [p is None for p in predictions]
-            predictions = ["" if p is None else p for p in predictions]
-        return super().compute(predictions=predictions, **kwargs)
-
     def _compute(self, predictions, bags=None, images=None, image_embeddings=None, ids=None,
                  judge=DEFAULT_JUDGE, judge_backend="auto", judge_pretrained=None, device=None,
-                 batch_size=64, cache_dir=None, missing_mask=None, return_details=False, progress=False):
+                 batch_size=64, cache_dir=None, return_details=False, progress=False):
+        predictions, missing_mask = split_missing(predictions)  # None = a missing caption
         n = len(predictions)
-        missing_mask = list(missing_mask) if missing_mask is not None else [False] * n
         if bags is None:
             raise ValueError("`bags` is required: a list of bags, each a list of indices (or ids)")
         bags_idx = _bags_as_indices(bags, ids, n)

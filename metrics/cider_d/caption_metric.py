@@ -1,0 +1,1 @@
+../caption_metric.py
