@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         resume = True  # the newest checkpoint of output_dir
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: log history, steps
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
         Path(training_args.output_dir, "training_args.json").write_text(training_args.to_json_string())

@@ -72,6 +72,10 @@ class SRScriptArguments:
     judge_backend: str = field(default="auto", metadata={"help": "auto | transformers | open_clip."})
     judge_pretrained: str | None = field(default=None, metadata={"help": "open_clip pretrained tag."})
     judge_cache_dir: str | None = field(default=None, metadata={"help": "Cache judge image embeddings here."})
+    judge_dtype: str | None = field(
+        default=None, metadata={"help": "Judge weights dtype: auto | float32 | bfloat16 (default: bfloat16 with "
+                                        "--bf16, else float32)."}
+    )
     eval_judge: str | None = field(default=None, metadata={"help": "Judge for evaluation (default: --judge)."})
     sr_within_bag: bool = field(default=False, metadata={"help": "SR distractors = the caption's own bag only."})
     sr_scale: str = field(
@@ -104,12 +108,13 @@ def read_bag_file(path: str) -> tuple[int, list[list]]:
     return size, bags
 
 
-def build_rewards(args: SRScriptArguments, train) -> tuple[list, ClipJudge | None]:
+def build_rewards(args: SRScriptArguments, train, bf16: bool = False) -> tuple[list, ClipJudge | None]:
     rewards, judge = [], None
     for name in args.rewards:
         if name == "sr":
             judge = ClipJudge.from_pretrained(args.judge, backend=args.judge_backend, pretrained=args.judge_pretrained,
-                                              cache_dir=args.judge_cache_dir)
+                                              cache_dir=args.judge_cache_dir,
+                                              dtype=args.judge_dtype or ("bfloat16" if bf16 else None))
             rewards.append(SelfRetrievalReward(judge, id_column=args.id_column, scale=args.sr_scale,
                                                within_bag=args.sr_within_bag))
         elif name == "cider":
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (KeyError, ValueError) as error:
         raise SystemExit(f"error: {error.args[0] if error.args else error}") from error
 
-    rewards, judge = build_rewards(script_args, train)
+    rewards, judge = build_rewards(script_args, train, bf16=config.bf16)
     eval_judge = ClipJudge.from_pretrained(script_args.eval_judge) if script_args.eval_judge else judge
     config.model_init_kwargs = {**(config.model_init_kwargs or {}),
                                 **{k: v for k, v in (("dtype", model_args.dtype),

@@ -59,6 +59,8 @@ __all__ = [
     "get_judge",
     "resolve_image_embeddings",
     "DEFAULT_JUDGE",
+    "bf16_available",
+    "resolve_dtype",
 ]
 
 DEFAULT_JUDGE = "openai/clip-vit-base-patch32"
@@ -450,6 +452,35 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def bf16_available(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 runs natively on `device`: a CUDA GPU with bf16, or a CPU with AMX or AVX-512
+    bf16 instructions (read from /proc/cpuinfo; elsewhere False)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """``"auto"`` = bfloat16 where :func:`bf16_available`, else float32; None = float32; a name
+    (``"bfloat16"``, ``"float32"``, ``"bf16"``, ``"fp32"``, ``"float16"``) or a torch dtype as given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {None: torch.float32, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_available(device) else torch.float32
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
 def _batches(n: int, size: int, progress: bool, desc: str):
     from tqdm.auto import tqdm
 
@@ -486,15 +517,18 @@ class ClipJudge:
 
     def __init__(self, backend: _TransformersBackend | _OpenClipBackend, *, name: str,
                  device: str | torch.device | None = None, batch_size: int = 64,
-                 cache_dir: str | os.PathLike | None = None, cache_key: str | None = None):
+                 cache_dir: str | os.PathLike | None = None, cache_key: str | None = None,
+                 dtype: str | torch.dtype | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._backend = backend
         self.name = name
-        self.cache_key = cache_key or name  # what the embedding cache is keyed by (with the image id)
         self.device = _resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)  # the weights' dtype; embeddings are float32
+        # what the embedding cache is keyed by (with the image id); bf16 embeddings are not fp32 ones
+        self.cache_key = (cache_key or name) + ("" if self.dtype == torch.float32 else f"@{self.dtype}")
         self.batch_size = batch_size
-        self.model = backend.model.to(self.device).eval().requires_grad_(False)
+        self.model = backend.model.to(self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.context_length = int(backend.context_length)
         self._cache = _EmbeddingCache(cache_dir, self.cache_key) if cache_dir is not None else None
         self._embed_dim = backend.embed_dim
@@ -519,7 +553,7 @@ class ClipJudge:
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_JUDGE, *, backend: str = "auto",
                         pretrained: str | None = None, device: str | None = None, batch_size: int = 64,
-                        cache_dir: str | None = None) -> "ClipJudge":
+                        cache_dir: str | None = None, dtype: str | torch.dtype | None = None) -> "ClipJudge":
         """Load a judge by name.
 
         Args:
@@ -535,12 +569,14 @@ class ClipJudge:
             device: ``None`` = cuda when available, else cpu.
             batch_size: images / texts per forward pass.
             cache_dir: folder for the on-disk image-embedding cache (None = no cache).
+            dtype: weights dtype: None/``"float32"``, ``"bfloat16"``, or ``"auto"`` (bf16 where the
+                device has it, see :func:`resolve_dtype`). Embeddings are returned in float32.
         """
         if backend not in ("auto", "transformers", "open_clip"):
             raise ValueError(f"backend must be 'auto', 'transformers' or 'open_clip', got {backend!r}")
         if backend == "auto":
             backend = "open_clip" if _looks_open_clip(name_or_path, pretrained) else "transformers"
-        kw = dict(device=device, batch_size=batch_size, cache_dir=cache_dir)
+        kw = dict(device=device, batch_size=batch_size, cache_dir=cache_dir, dtype=dtype)
         if os.path.isdir(name_or_path):
             kw["cache_key"] = f"{Path(name_or_path).resolve()}@{_folder_fingerprint(name_or_path)}"
         if backend == "transformers":

@@ -1,0 +1,113 @@
+"""bf16 where the hardware has it: the judge, SR training (sampling and log-prob pass in autocast,
+float32 log-softmax and loss), MLE training, and the chunked log-prob pass (same gradient)."""
+
+import math
+
+import pytest
+import torch
+
+from metrics.clip_judge import ClipJudge, bf16_available, resolve_dtype
+from tests import tiny
+from trainers import SRConfig, SRTrainer
+
+
+def config(tmp_path, **kw):
+    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=6, learning_rate=1e-3,
+                    report_to="none", logging_steps=1, save_strategy="no", use_cpu=True, max_new_tokens=6,
+                    bag_schedule="rand", eval_num_beams=1, seed=0, data_seed=0)
+    defaults.update(kw)
+    return SRConfig(**defaults)
+
+
+def test_resolve_dtype():
+    assert resolve_dtype(None) == resolve_dtype("float32") == resolve_dtype("fp32") == torch.float32
+    assert resolve_dtype("bf16") == resolve_dtype(torch.bfloat16) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if bf16_available("cpu") else torch.float32)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("half-ish")
+
+
+def test_bf16_judge_embeddings_are_close_to_float32(tiny_clip_judge_dir):
+    images = tiny.random_images(6, size=32, seed=2)
+    texts = ["a red circle on the left.", "two blue squares", "a star", "", "a green star at the top", "a cat"]
+    fp32 = ClipJudge.from_pretrained(str(tiny_clip_judge_dir))
+    bf16 = ClipJudge.from_pretrained(str(tiny_clip_judge_dir), dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16 and bf16.cache_key != fp32.cache_key
+    for a, b in ((fp32.embed_texts(texts), bf16.embed_texts(texts)), (fp32.embed_images(images), bf16.embed_images(images))):
+        assert b.dtype == torch.float32  # embeddings always float32
+        assert (a * b).sum(1).min() > 0.99  # cosine between the fp32 and bf16 embedding of each input
+
+
+def trained_probability(tmp_path, tokenizer, data, bf16: bool, chunk=25):
+    model, processor = tiny.build_tiny_clipcap(tokenizer, seed=1)
+    target = tokenizer.convert_tokens_to_ids("Ġcircle")
+
+    def likes_circle(completions, completion_ids, **kw):
+        return [float(target in ids) for ids in completion_ids]
+
+    def probability():
+        with torch.no_grad():
+            pixel_values = processor(images=list(data["image"]))["pixel_values"]
+            return torch.softmax(model(pixel_values=pixel_values).logits[:, -1], -1)[:, target].mean().item()
+
+    before = probability()
+    args = config(tmp_path, max_steps=12, learning_rate=3e-3, temperature=1.0, baseline="rloo", num_generations=4,
+                  max_new_tokens=4, bf16=bf16, logprob_chunk_size=chunk)
+    trainer = SRTrainer(model, likes_circle, args=args, train_dataset=data, processing_class=processor)
+    trainer.train()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+    return before, probability(), trainer
+
+
+def test_sr_training_in_bf16_learns_like_float32(tmp_path, tokenizer):
+    data = tiny.caption_dataset(12)
+    before, after, trainer = trained_probability(tmp_path / "bf16", tokenizer, data, bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert after > 1.2 * before, (before, after)  # the rewarded token became more likely
+    _, after_fp32, _ = trained_probability(tmp_path / "fp32", tokenizer, data, bf16=False)
+    assert after_fp32 > 1.2 * before
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_chunked_log_prob_pass_gives_the_same_gradient(tmp_path, tokenizer):
+    data = tiny.caption_dataset(12)
+    model, processor = tiny.build_tiny_clipcap(tokenizer, seed=3)
+    trainer = SRTrainer(model, lambda completions, completion_ids, **kw: [float(len(c)) for c in completion_ids],
+                        args=config(tmp_path), train_dataset=data, processing_class=processor)
+    trainer.baseline.update(4.0)  # non-zero advantages
+    batch = trainer.data_collator([dict(data[i], bag_id=0) for i in range(6)])
+    prepared = trainer._prepare_inputs(batch)
+    trainer._prepare_inputs = lambda inputs: prepared  # the same sampled captions for every chunk size
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+    grads, losses = [], []
+    for chunk in (None, 2, 5):
+        trainer.args.logprob_chunk_size = chunk
+        model.zero_grad(set_to_none=True)
+        losses.append(trainer.training_step(model, batch).item())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and all(g.keys() == grads[0].keys() for g in grads)
+    assert any(v.abs().max() > 0 for v in grads[0].values())
+    for other in grads[1:]:
+        for name, value in grads[0].items():
+            torch.testing.assert_close(other[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_mle_training_in_bf16_lowers_the_loss(tmp_path, tiny_clipcap_dir):
+    import datasets
+
+    import train_mle
+
+    folder = tmp_path / "coco"
+    datasets.DatasetDict({"train": tiny.caption_dataset(24)}).save_to_disk(folder)
+    out = tmp_path / "mle"
+    train_mle.main(["--dataset", str(folder), "--model", str(tiny_clipcap_dir), "--output_dir", str(out),
+                    "--max_steps", "30", "--learning_rate", "5e-3", "--warmup_steps", "0", "--bf16",
+                    "--per_device_train_batch_size", "16", "--report_to", "none", "--save_strategy", "no",
+                    "--use_cpu", "--logging_steps", "5"])
+    import json
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
