@@ -594,12 +594,30 @@ Vocabulary size, words used >= 5 times and mean length are computed on the evalu
     return p
 
 
+def _judge_problem(name: str) -> str | None:
+    """Why ``--judge`` names neither a folder, a Hub repo nor an open_clip model, or None."""
+    if os.path.exists(name) or name.startswith("hf-hub:"):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return (f"--judge {name}: no such folder, and not a Hub repo id or open_clip model name; give an existing "
+                "folder, a Hub id (openai/clip-vit-base-patch32) or an open_clip name (ViT-B-32)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _judge_problem(args.judge)
+    if problem:
+        parser.error(problem)
     try:
         captions = read_captions(args.captions)
         results = evaluate_captions(captions, args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # OSError: a missing file, an unloadable judge or image
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(results["table"]))

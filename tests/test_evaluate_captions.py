@@ -302,3 +302,16 @@ def test_a_bag_with_an_image_twice_is_an_error(bench, tiny_clip_judge_dir, tmp_p
                     "--truematch-images", str(bench / "images")]) == 2
     err = capsys.readouterr().err
     assert f"error: {authors / '3.json'} bag 1 holds image id(s) 104 more than once" in err
+
+
+def test_a_judge_that_cannot_be_loaded_is_one_error_line(bench, tmp_path, capsys):
+    common = ["--captions", str(bench / "captions.json"), "--benchmark", "truematch", "--truematch",
+              str(bench / "authors"), "--bag-sizes", "3", "--truematch-images", str(bench / "images")]
+    with pytest.raises(SystemExit) as exit_info:  # a path that does not exist: refused by the parser
+        ec.main([*common, "--judge", str(tmp_path / "no-judge")])
+    assert exit_info.value.code == 2
+    assert f"error: --judge {tmp_path / 'no-judge'}: no such folder" in capsys.readouterr().err
+    (tmp_path / "empty-judge").mkdir()  # a folder without a model: the loader's error, in one line
+    assert ec.main([*common, "--judge", str(tmp_path / "empty-judge")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: ") and not any("Traceback" in line for line in err)

@@ -184,6 +184,8 @@ def test_cli_help_and_bad_arguments(coco_path, tmp_path):
                      "--split", "nope", "--no-progress"]) == 2
         assert main(["run", "--dataset", str(tmp_path / "missing"), "--out", str(tmp_path), "--backend", "echo"]) == 2
         assert main(["run", "--dataset", str(coco_path), "--out", str(tmp_path), "--backend", "echo",
+                     "--stages", "blendcap,nope"]) == 2
+        assert main(["run", "--dataset", str(coco_path), "--out", str(tmp_path), "--backend", "echo",
                      "--stages", "visualcap", "--ids", "7", "--split", "val", "--no-progress"]) == 0
     finally:
         signal.signal(signal.SIGTERM, old)
