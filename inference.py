@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import glob
 import json
 import os
@@ -62,7 +63,7 @@ def _broken_link(path: Path) -> str | None:
     except RuntimeError:  # Python < 3.13 reports a loop this way
         return "symbolic link loop: the link leads back to itself"
     except OSError as error:
-        if error.errno == 40:  # ELOOP
+        if error.errno == errno.ELOOP:
             return "symbolic link loop: the link leads back to itself"
         return f"unreadable symbolic link ({error.strerror or error})"
     return None
