@@ -9,7 +9,11 @@ caption). Retrieval metrics go through the project's `evaluate` modules (`metric
         --references coco_karpathy/ --output results.json
 
 Every image that a benchmark needs but the captions file lacks is reported by id and counted as
-wrong (R@1) / zero (scores); nothing is silently dropped. ``--strict`` turns that into an error.
+wrong (R@1) / zero (scores); captions for ids that no benchmark holds are counted and named;
+nothing is silently dropped. ``--strict`` turns missing captions into an error. The output of
+``inference.py`` (``image``, ``caption``) is read as it is: each image is matched to a benchmark
+id by that id or by its file name (``000000000139.jpg``, ``COCO_val2014_000000000139.jpg``,
+``<set>/img3.jpg`` for ImageCoDe).
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent
 BENCHMARKS = ("truematch", "rd100", "clipscore", "nlg", "imagecode")
 _MAX_IDS_SHOWN = 20
 
-__all__ = ["read_captions", "ImageFolder", "load_truematch", "load_eval_set", "vocabulary_stats", "nlg_scores",
+__all__ = ["read_captions", "match_captions", "ImageFolder", "load_truematch", "load_eval_set", "vocabulary_stats", "nlg_scores",
            "evaluate_captions", "format_table", "build_parser", "main"]
 
 
@@ -43,28 +49,51 @@ def _norm_id(x: Any) -> str:
     return str(int(s)) if s.isdigit() else s
 
 
+_ID_KEYS = ("cocoid", "image_id", "id", "image")  # "image": inference.py's output (a path or URL)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key that appears twice (a plain parser keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears more than once in one JSON object; keep one caption per id")
+        out[key] = value
+    return out
+
+
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
     """Read a captions file (API contract 5) into ``{id: caption}``.
 
-    Accepted: json ``{"<id>": "caption", ...}`` or a list of ``{"cocoid"|"image_id": id,
-    "caption": str}``; jsonl with such records; csv with columns ``image_id`` or ``cocoid`` and
-    ``caption``. A value that is a list of captions keeps its first one (counted and reported).
+    Accepted: json ``{"<id>": "caption", ...}`` or a list of ``{"cocoid"|"image_id"|"id"|"image":
+    id, "caption": str}``; jsonl with such records; csv (UTF-8, with or without the byte-order
+    mark spreadsheets write) with a column ``image_id``, ``cocoid``, ``id`` or ``image`` and
+    ``caption``. ``image`` is what ``inference.py`` writes (a file path or URL): such keys are
+    matched to benchmark ids by :func:`match_captions`. A value that is a list of captions keeps
+    its first one (counted and reported). An id given twice (in any format) is an error.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"captions file not found: {path}")
     suffix = path.suffix.lower()
+    line = 0
     try:
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 records = list(csv.DictReader(f))
         elif suffix == ".jsonl":
+            records = []
             with open(path, encoding="utf-8") as f:
-                records = [json.loads(line) for line in f if line.strip()]
+                for line, text in enumerate(f, 1):
+                    if text.strip():
+                        records.append(json.loads(text, object_pairs_hook=_unique_keys))
         else:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid {suffix.lstrip('.') or 'json'} captions file ({e})") from e
+        where = f"{path}:{line}" if line else str(path)
+        raise ValueError(f"{where}: not a valid {suffix.lstrip('.') or 'json'} captions file ({e})") from e
+    except ValueError as e:  # a duplicate key
+        raise ValueError(f"{f'{path}:{line}' if line else path}: {e}") from e
 
     pairs: list[tuple[Any, Any]] = []
     if isinstance(records, dict):
@@ -73,9 +102,10 @@ def read_captions(path: str | os.PathLike) -> dict[str, str]:
         for n, r in enumerate(records):
             if not isinstance(r, dict):
                 raise ValueError(f"{path}: record {n} is {type(r).__name__}, expected an object")
-            key = next((k for k in ("cocoid", "image_id", "id") if k in r), None)
+            key = next((k for k in _ID_KEYS if k in r), None)
             if key is None or "caption" not in r:
-                raise ValueError(f"{path}: record {n} needs 'cocoid' or 'image_id' and 'caption' (has {sorted(r)})")
+                raise ValueError(f"{path}: record {n} needs 'cocoid', 'image_id', 'id' or 'image' and 'caption' "
+                                 f"(has {sorted(r)})")
             pairs.append((r[key], r["caption"]))
     else:
         raise ValueError(f"{path}: expected a JSON object or list, got {type(records).__name__}")
@@ -96,6 +126,44 @@ def read_captions(path: str | os.PathLike) -> dict[str, str]:
         print(f"note: {lists} ids map to a list of captions; the first of each is scored", file=sys.stderr)
     if not out:
         raise ValueError(f"{path}: no captions")
+    return out
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+_COCO_NAME = re.compile(r"^COCO_(?:train|val|test)\d{4}_(\d+)$")
+
+
+def _file_ids(key: str) -> list[str]:
+    """Ids an image file path or URL may stand for (none when its name has no image suffix): the
+    name without the suffix (COCO 2014 names give the number; ``000000000139`` gives ``139``), then
+    ``<folder>/<name>`` (ImageCoDe's ``<set>/img3``)."""
+    name_path = urlparse(key).path if key.startswith(("http://", "https://")) else key
+    parts = [p for p in re.split(r"[/\\]", name_path) if p]
+    if not parts or Path(parts[-1]).suffix.lower() not in _IMAGE_SUFFIXES:
+        return []
+    stem = Path(parts[-1]).stem
+    coco = _COCO_NAME.match(stem)
+    ids = [_norm_id(coco.group(1) if coco else stem)]
+    if len(parts) > 1:
+        ids.append(f"{parts[-2]}/{stem}")
+    return ids
+
+
+def match_captions(captions: dict[str, str], known_ids: set[str] | None = None) -> dict[str, str]:
+    """``{id: caption}`` with file-path keys (``inference.py``'s ``image`` column) replaced by the
+    id they name: a key that is a benchmark id (in ``known_ids``) stays; otherwise its file name
+    (see :func:`_file_ids`) is used, preferring a form in ``known_ids``. Two keys that end up as
+    the same id are an error naming both."""
+    known = known_ids or set()
+    out: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    for key, caption in captions.items():
+        candidates = _file_ids(key) if key not in known else []
+        target = next((c for c in candidates if c in known), candidates[0] if candidates else key)
+        if target in out:
+            raise ValueError(f"the captions file has two captions for id {target}: under {origin[target]!r} and "
+                             f"{key!r}; keep one")
+        out[target], origin[target] = caption, key
     return out
 
 
@@ -128,12 +196,21 @@ class ImageFolder:
         raise FileNotFoundError(f"no image for id {s} in {self.root} (looked for {', '.join(n + '.jpg' for n in names)})")
 
 
+def _check_bag(ids: list[str], where: str) -> None:
+    """A bag lists distinct images (R@1 within a bag with one image twice is meaningless)."""
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise ValueError(f"{where} holds image id(s) {', '.join(twice)} more than once ({ids}); a bag needs distinct "
+                         "images: fix or drop that bag")
+
+
 def load_truematch(source: str, sizes: list[int], images_dir: str | None = None):
     """TrueMatch bags from our dataset (contract 4: folder or Hub id, configs ``bags_<s>``) or the
     authors' format (``<s>.json`` lists of COCO ids + an images folder).
 
     Returns ``(ids, images, bags, references)``: unique image ids, their images (dicts or paths),
-    bags as lists of ids, and ``{id: reference captions}`` (empty for the authors' format).
+    bags as lists of ids, and ``{id: reference captions}`` (empty for the authors' format). A bag
+    that holds an image twice is an error naming the file and the bag.
     """
     src = Path(source)
     ours = not src.exists() or any((src / f"bags_{s}").is_dir() for s in sizes) or not any(
@@ -150,8 +227,9 @@ def load_truematch(source: str, sizes: list[int], images_dir: str | None = None)
             except Exception as e:
                 raise FileNotFoundError(f"could not load TrueMatch config bags_{s} from {source!r}: {e}") from e
             ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
-            for row in ds:
+            for n, row in enumerate(ds):
                 ids = [_norm_id(c) for c in row["cocoids"]]
+                _check_bag(ids, f"{source} [bags_{s}] row {n} (bag_id {row.get('bag_id', n)})")
                 bags.append(ids)
                 for k, cid in enumerate(ids):
                     images.setdefault(cid, row["images"][k])
@@ -169,8 +247,9 @@ def load_truematch(source: str, sizes: list[int], images_dir: str | None = None)
             f = src / f"{s}.json"
             if not f.is_file():
                 raise FileNotFoundError(f"{f} not found (asked for bag size {s}; see --bag-sizes)")
-            for bag in read_authors_bags(f):
+            for n, bag in enumerate(read_authors_bags(f)):
                 ids = [_norm_id(c) for c in bag]
+                _check_bag(ids, f"{f} bag {n}")
                 bags.append(ids)
                 for cid in ids:
                     if cid not in images:
@@ -300,7 +379,18 @@ def evaluate_captions(captions: dict[str, str], args: argparse.Namespace, judge=
         tm = load_truematch(args.truematch, args.bag_sizes, args.truematch_images)
     elif "truematch" in wanted:
         raise SystemExit("error: --benchmark truematch needs --truematch (dataset folder, Hub id or authors' folder)")
-    ids, images, refs, source = load_eval_set(args.references, args.split, args.images, captions, tm)
+    ic, ic_module = None, None
+    if args.imagecode_data and args.imagecode_images and (auto or "imagecode" in wanted):
+        ic_module = _load_module("self_retrieval")
+        load_imagecode = sys.modules[type(ic_module).__module__].load_imagecode
+        ic = load_imagecode(args.imagecode_data, args.imagecode_images)
+    # the benchmarks' own ids first, then captions keyed by file name (inference.py) are matched to them
+    known = set(tm[0]) if tm is not None else set()
+    known |= {_norm_id(i) for i in ic["ids"]} if ic is not None else set()
+    eval_set = load_eval_set(args.references, args.split, args.images, captions, tm) if args.references else None
+    known |= set(eval_set[0]) if eval_set is not None else set()
+    captions = match_captions(captions, known)
+    ids, images, refs, source = eval_set or load_eval_set(None, args.split, args.images, captions, tm)
     if auto:
         wanted = {b for b, ok in [("truematch", tm is not None), ("rd100", images is not None),
                                   ("clipscore", images is not None), ("nlg", refs is not None),
@@ -320,6 +410,15 @@ def evaluate_captions(captions: dict[str, str], args: argparse.Namespace, judge=
         if b in wanted and not ok:
             raise SystemExit(f"error: --benchmark {b} needs {need}")
     results["benchmarks"] = sorted(wanted)
+    used = set(tm[0]) if tm is not None and "truematch" in wanted else set()
+    used |= set(ids) if ids is not None and wanted & {"rd100", "clipscore", "nlg"} else set()
+    used |= {_norm_id(i) for i in ic["ids"]} if ic is not None and "imagecode" in wanted else set()
+    outside = [k for k in captions if k not in used]
+    results["captions_outside_benchmarks"] = {"count": len(outside), "ids": outside[:_MAX_IDS_SHOWN]}
+    if outside:
+        shown = ", ".join(outside[:_MAX_IDS_SHOWN]) + (" ..." if len(outside) > _MAX_IDS_SHOWN else "")
+        print(f"note: {len(outside)} of {len(captions)} captions are for ids in none of the evaluated benchmarks "
+              f"and are not scored: {shown}", file=sys.stderr)
 
     if judge is None and wanted & {"truematch", "rd100", "clipscore", "imagecode"}:
         from metrics.clip_judge import ClipJudge
@@ -366,10 +465,7 @@ def evaluate_captions(captions: dict[str, str], args: argparse.Namespace, judge=
             table["RefCLIP-S"] = _pct(out["refclip_score"])
 
     if "imagecode" in wanted:
-        module = _load_module("self_retrieval")
-        load_imagecode = sys.modules[type(module).__module__].load_imagecode
-        ic = load_imagecode(args.imagecode_data, args.imagecode_images)
-        out = module.compute(predictions=[captions.get(_norm_id(i)) for i in ic["ids"]], image_sets=ic["image_sets"],
+        out = ic_module.compute(predictions=[captions.get(_norm_id(i)) for i in ic["ids"]], image_sets=ic["image_sets"],
                              targets=ic["targets"], image_set_ids=ic["image_set_ids"], groups=ic["groups"],
                              judge=judge, progress=True)
         _warn_missing("imagecode", out["missing"], len(ic["ids"]))
@@ -399,7 +495,20 @@ def evaluate_captions(captions: dict[str, str], args: argparse.Namespace, judge=
     table.update({"vocab": vocab["vocab_size"], "words>=5": vocab["words_ge5"], "mean len": vocab["mean_length"]})
     results["table"] = table
     results["missing"] = missing_all
-    return results
+    return _finite(results)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite number replaced by None (JSON has no NaN: it is written null)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if getattr(obj, "ndim", None) == 0 and hasattr(obj, "item"):  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def format_table(table: dict[str, float | int | None]) -> str:
@@ -423,7 +532,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
+        json.dump(_finite(obj), f, indent=2, default=str, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -485,12 +594,30 @@ Vocabulary size, words used >= 5 times and mean length are computed on the evalu
     return p
 
 
+def _judge_problem(name: str) -> str | None:
+    """Why ``--judge`` names neither a folder, a Hub repo nor an open_clip model, or None."""
+    if os.path.exists(name) or name.startswith("hf-hub:"):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return (f"--judge {name}: no such folder, and not a Hub repo id or open_clip model name; give an existing "
+                "folder, a Hub id (openai/clip-vit-base-patch32) or an open_clip name (ViT-B-32)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _judge_problem(args.judge)
+    if problem:
+        parser.error(problem)
     try:
         captions = read_captions(args.captions)
         results = evaluate_captions(captions, args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # OSError: a missing file, an unloadable judge or image
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(results["table"]))

@@ -19,7 +19,8 @@ Two parts:
   :func:`random_distractors` (RD100) and :func:`clip_s` (the paper's ClipSc).
 
 This file is also vendored into each ``metrics/<module>/`` folder (a symlink that ``evaluate``
-dereferences when it copies a module), so it must only import third-party libraries.
+dereferences when it copies a module), so it must only import third-party libraries and its one
+sibling ``image_loading.py`` (the project's image loader, linked into the same folders).
 
 Example (the maths on a hand-written similarity matrix)::
 
@@ -32,7 +33,6 @@ Example (the maths on a hand-written similarity matrix)::
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .image_loading import open_image
 
 __all__ = [
     "ClipJudge",
@@ -249,22 +251,11 @@ def clip_s(cos: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
 
 
 def load_image(image: Any):
-    """Open one image as RGB PIL: a PIL image, a path, or a datasets ``{"bytes", "path"}`` dict."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, dict):  # datasets.Image(decode=False)
-        if image.get("bytes"):
-            return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
-        image = image.get("path")
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise OSError(f"could not read image {str(image)!r}: {e}") from e
-    raise TypeError(f"expected a PIL image, a path or a {{'bytes', 'path'}} dict, got {type(image).__name__}")
+    """Open one image as RGB PIL, transparency composited on white: a PIL image, a path, a URL,
+    encoded bytes or a datasets ``{"bytes", "path"}`` dict. This is the project's one loader
+    (``image_loading.open_image``, shared with the captioner: see that file for how it is vendored);
+    raises ``OSError`` naming the image when it cannot be read."""
+    return open_image(image)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,10 +19,15 @@ model's own ``generate`` and decodes with the processor. Generation arguments (`
 ``max_new_tokens``, ``do_sample``, ``num_return_sequences``, ``generation_config`` ...) are accepted
 at construction, per call, or as ``generate_kwargs={...}``.
 
-This file is remote code: it imports only torch, PIL, httpx and transformers (never the rest of
-the repository), so that ``trust_remote_code=True`` can load it in a process that has never seen
-this project. ``upload_model.py`` (and :meth:`ClipCapCaptioningPipeline.save_pretrained`) put it
-beside the model and write the config entry (:func:`custom_pipelines_entry`).
+Images are opened by the project's one loader (``image_loading.py``, beside this file): RGB with
+transparency composited on white, URLs read with an overall deadline (``timeout``, default 20 s)
+and a size cap (``max_image_bytes``, default 50 MiB).
+
+This file is remote code: it imports only numpy, torch, transformers and its sibling
+``image_loading.py`` (never the rest of the repository), so that ``trust_remote_code=True`` can
+load it in a process that has never seen this project. ``upload_model.py`` (and
+:meth:`ClipCapCaptioningPipeline.save_pretrained`) put both files beside the model and write the
+config entry (:func:`custom_pipelines_entry`).
 
 In this repository, with a model object at hand, build the pipeline directly
 (``ClipCapCaptioningPipeline(model=model, processor=processor)``) or pass
@@ -35,13 +40,14 @@ task in ``custom_pipelines``. ``import modeling_clipcap`` also registers the cla
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image, ImageOps
 from transformers import GenerationConfig, Pipeline
+
+from .image_loading import open_image
 
 TASK = "image-to-text"
 # Arguments that go to `generate` besides the GenerationConfig fields.
@@ -54,33 +60,6 @@ def _generation_keys() -> set[str]:
     return {k for k in vars(GenerationConfig()) if not k.startswith("_")} | _EXTRA_GENERATE_ARGS
 
 
-def open_image(source: Any, timeout: float | None = None) -> Any:
-    """A PIL image (EXIF orientation applied, mode kept so that the processor handles transparency)
-    from a PIL image, a local path, an http(s) URL or a base64 ``data:image/...`` URL; arrays and
-    tensors are returned unchanged."""
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    if isinstance(source, str):
-        if source.startswith(("http://", "https://")):
-            import httpx
-
-            response = httpx.get(source, timeout=timeout if timeout is not None else 20.0, follow_redirects=True)
-            response.raise_for_status()
-            image = Image.open(io.BytesIO(response.content))
-        elif os.path.isfile(source):
-            image = Image.open(source)
-        elif source.startswith("data:image/") and "," in source:
-            import base64
-
-            image = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
-        else:
-            shown = source if len(source) < 200 else source[:200] + "..."
-            raise ValueError(f"{shown!r} is neither an existing image file nor an http(s) or data: URL.")
-        image.load()
-        return ImageOps.exif_transpose(image)
-    return source
-
-
 class ClipCapCaptioningPipeline(Pipeline):
     """Caption images with a ClipCap model (`ClipCapForCaptioning` + `ClipCapProcessor`).
 
@@ -91,7 +70,8 @@ class ClipCapCaptioningPipeline(Pipeline):
     - any `generate` argument (``num_beams``, ``max_new_tokens``, ``do_sample``, ``temperature``,
       ``num_return_sequences``, ``generation_config`` ...), or ``generate_kwargs={...}``; the
       model's `generation_config` (5 beams, stop after ".") fills in the rest;
-    - ``timeout``: seconds to wait for an image URL (default 20);
+    - ``timeout``: overall deadline of an image URL download in seconds (default 20);
+    - ``max_image_bytes``: largest image URL download (default 50 MiB);
     - ``batch_size`` (per call or at construction): images per `generate` call.
     """
 
@@ -132,18 +112,22 @@ class ClipCapCaptioningPipeline(Pipeline):
             return []
         return super().__call__(inputs, **kwargs)
 
-    def _sanitize_parameters(self, generate_kwargs: dict | None = None, timeout: float | None = None, **kwargs):
+    def _sanitize_parameters(self, generate_kwargs: dict | None = None, timeout: float | None = None,
+                             max_image_bytes: int | None = None, **kwargs):
         preprocess_params: dict[str, Any] = {}
         forward_params: dict[str, Any] = {}
         if timeout is not None:
             preprocess_params["timeout"] = timeout
+        if max_image_bytes is not None:
+            preprocess_params["max_image_bytes"] = max_image_bytes
         # per-call generate_kwargs add to (not replace) those given at construction
         generation = {**getattr(self, "_forward_params", {}).get("generate_kwargs", {}), **(generate_kwargs or {})}
         known = _generation_keys()
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected arguments {unknown}; it takes generation "
-                            "arguments (num_beams, max_new_tokens, ...), generate_kwargs, timeout and batch_size.")
+                            "arguments (num_beams, max_new_tokens, ...), generate_kwargs, timeout, max_image_bytes and "
+                            "batch_size.")
         for key, value in kwargs.items():
             if key in (generate_kwargs or {}) and generate_kwargs[key] != value:
                 raise ValueError(f"`{key}` is given both directly and in `generate_kwargs` with different values.")
@@ -152,8 +136,10 @@ class ClipCapCaptioningPipeline(Pipeline):
             forward_params["generate_kwargs"] = generation
         return preprocess_params, forward_params, {}
 
-    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
-        image = open_image(image, timeout)
+    def preprocess(self, image: Any, timeout: float | None = None,
+                   max_image_bytes: int | None = None) -> dict[str, torch.Tensor]:
+        if not isinstance(image, (torch.Tensor, np.ndarray)):  # arrays go to the image processor as they are
+            image = open_image(image, timeout=timeout, max_bytes=max_image_bytes)
         return {"pixel_values": self.processor(images=image, return_tensors="pt")["pixel_values"]}
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], generate_kwargs: dict | None = None) -> dict:

@@ -123,6 +123,9 @@ def test_end_to_end_with_missing_caption(bench, tiny_clip_judge_dir, tmp_path, c
     # vocabulary over the 8 captions of the evaluated set: a, circle, on, the, left + 8 colours
     assert res["vocabulary"]["vocab_size"] == 13 and res["vocabulary"]["words_ge5"] == 5
     assert res["vocabulary"]["mean_length"] == pytest.approx(6.0)
+    # the caption of image 999 (in no benchmark) is counted and named, not silently ignored
+    assert res["captions_outside_benchmarks"] == {"count": 1, "ids": ["999"]}
+    assert "note: 1 of 9 captions are for ids in none of the evaluated benchmarks and are not scored: 999" in printed.err
 
 
 def test_our_dataset_format_matches_authors_format(bench, tiny_clip_judge_dir, tmp_path):
@@ -230,3 +233,85 @@ def test_references_from_coco_dataset_folder(bench, tiny_clip_judge_dir, tmp_pat
     assert ra["nlg"]["cider"] == pytest.approx(rb["nlg"]["cider"], abs=1e-12)
     assert ra["clipscore"]["clip_score"] == pytest.approx(rb["clipscore"]["clip_score"], abs=1e-5)
     assert ra["rd4"]["eval_set"].endswith("[test] (9 images)")
+
+
+# -- issue 17.7 / 17.8 ----------------------------------------------------------------------------
+
+
+def test_duplicate_keys_bom_csv_and_inference_format(tmp_path):
+    (tmp_path / "dup.json").write_text('{"7": "a cat.", "8": "a dog.", "7": "another cat."}')
+    with pytest.raises(ValueError, match=r"dup.json: key '7' appears more than once"):
+        ec.read_captions(tmp_path / "dup.json")
+    (tmp_path / "dup.jsonl").write_text('{"cocoid": 7, "caption": "x"}\n{"cocoid": 8, "caption": "y", "caption": "z"}\n')
+    with pytest.raises(ValueError, match=r"dup.jsonl:2: key 'caption' appears more than once"):
+        ec.read_captions(tmp_path / "dup.jsonl")
+    # a spreadsheet's CSV starts with a byte-order mark
+    (tmp_path / "bom.csv").write_text("image_id,caption\n7,a cat.\n", encoding="utf-8-sig")
+    assert ec.read_captions(tmp_path / "bom.csv") == {"7": "a cat."}
+    # inference.py's own rows: matched by id or file name
+    (tmp_path / "inf.csv").write_text("image,caption\nphotos/COCO_val2014_000000000007.jpg,a cat.\n"
+                                      "https://example.com/x/000000000008.png,a dog.\nsets/s1/img3.jpg,a star.\n")
+    raw = ec.read_captions(tmp_path / "inf.csv")
+    assert ec.match_captions(raw, {"7", "8", "s1/img3"}) == {"7": "a cat.", "8": "a dog.", "s1/img3": "a star."}
+    assert ec.match_captions(raw) == {"7": "a cat.", "8": "a dog.", "img3": "a star."}
+    (tmp_path / "two.jsonl").write_text('{"image": "a/7.jpg", "caption": "x"}\n{"image": "b/7.png", "caption": "y"}\n')
+    with pytest.raises(ValueError, match=r"two captions for id 7: under 'a/7.jpg' and 'b/7.png'"):
+        ec.match_captions(ec.read_captions(tmp_path / "two.jsonl"), {"7"})
+
+
+def test_inference_output_scores_like_an_id_keyed_file(bench, tiny_clip_judge_dir, tmp_path, capsys):
+    """inference.py's jsonl (image paths, COCO 2014 names) gives the same results as the id-keyed file."""
+    by_id = json.loads((bench / "captions.json").read_text())
+    rows = [{"image": str(bench / "images" / f"COCO_val2014_{int(k):012d}.jpg"), "caption": c}
+            for k, c in by_id.items() if k != "999"]
+    rows.append({"image": "https://example.com/cat.png", "caption": "a cat."})
+    (tmp_path / "inference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--judge", str(tiny_clip_judge_dir), "--device", "cpu", "--bag-sizes", "3", "5", "--truematch",
+              str(bench / "authors"), "--truematch-images", str(bench / "images"), "--references",
+              str(bench / "refs.json"), "--num-distractors", "3"]
+    assert ec.main(["--captions", str(bench / "captions.json"), *common, "--output", str(a)]) == 0
+    assert ec.main(["--captions", str(tmp_path / "inference.jsonl"), *common, "--output", str(b)]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["table"] == rb["table"] and ra["missing"] == rb["missing"] == {b_: [str(MISSING)] for b_ in ra["missing"]}
+    assert rb["captions_outside_benchmarks"] == {"count": 1, "ids": ["cat"]}
+
+
+def test_results_json_never_holds_nan(bench, tiny_clip_judge_dir, tmp_path):
+    """No caption in the evaluated set: the mean length is undefined and written as null."""
+    (tmp_path / "caps.json").write_text(json.dumps({"999": "an image in no benchmark."}))
+    out = tmp_path / "r.json"
+    assert ec.main(["--captions", str(tmp_path / "caps.json"), "--judge", str(tiny_clip_judge_dir), "--device", "cpu",
+                    "--benchmark", "truematch", "--truematch", str(bench / "authors"), "--bag-sizes", "3",
+                    "--truematch-images", str(bench / "images"), "--output", str(out)]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the results file")
+
+    res = json.loads(out.read_text(), parse_constant=refuse)  # strict JSON
+    assert res["vocabulary"]["mean_length"] is None and res["table"]["mean len"] is None
+    assert res["table"]["TM #3"] == 0.0 and res["captions_outside_benchmarks"]["ids"] == ["999"]
+
+
+def test_a_bag_with_an_image_twice_is_an_error(bench, tiny_clip_judge_dir, tmp_path, capsys):
+    authors = tmp_path / "authors"
+    authors.mkdir()
+    (authors / "3.json").write_text(json.dumps([[101, 102, 103], [104, 105, 104]]))
+    assert ec.main(["--captions", str(bench / "captions.json"), "--judge", str(tiny_clip_judge_dir), "--device",
+                    "cpu", "--benchmark", "truematch", "--truematch", str(authors), "--bag-sizes", "3",
+                    "--truematch-images", str(bench / "images")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {authors / '3.json'} bag 1 holds image id(s) 104 more than once" in err
+
+
+def test_a_judge_that_cannot_be_loaded_is_one_error_line(bench, tmp_path, capsys):
+    common = ["--captions", str(bench / "captions.json"), "--benchmark", "truematch", "--truematch",
+              str(bench / "authors"), "--bag-sizes", "3", "--truematch-images", str(bench / "images")]
+    with pytest.raises(SystemExit) as exit_info:  # a path that does not exist: refused by the parser
+        ec.main([*common, "--judge", str(tmp_path / "no-judge")])
+    assert exit_info.value.code == 2
+    assert f"error: --judge {tmp_path / 'no-judge'}: no such folder" in capsys.readouterr().err
+    (tmp_path / "empty-judge").mkdir()  # a folder without a model: the loader's error, in one line
+    assert ec.main([*common, "--judge", str(tmp_path / "empty-judge")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: ") and not any("Traceback" in line for line in err)

@@ -107,32 +107,28 @@ def test_generation_arguments_pass_through(captioner, image_files):
     assert [[r["generated_text"] for r in per_image] for per_image in out] == [three[0:3], three[3:6], three[6:9]]
 
 
-def test_url_input(captioner, monkeypatch):
+def test_url_input_and_overall_deadline(captioner):
+    """URLs are read from a real server on 127.0.0.1; one that trickles a byte every 0.5 s fails at
+    the call's `timeout` (an overall deadline, not a per-read one)."""
+    import base64
+    import time
+
+    from tests.slow_server import DripServer
+
     pipe, model, processor = captioner
     image = distinct_images()[2]
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    calls = []
-
-    class Response:
-        content = buffer.getvalue()
-
-        def raise_for_status(self):
-            return None
-
-    def fake_get(url, timeout, follow_redirects):
-        calls.append((url, timeout))
-        return Response()
-
-    import httpx
-
-    monkeypatch.setattr(httpx, "get", fake_get)
-    out = pipe("https://example.com/cat.png", timeout=3.0)
     expected = [{"generated_text": reference(model, processor, [image], max_new_tokens=5, num_beams=2)[0]}]
-    assert out == expected
-    assert calls == [("https://example.com/cat.png", 3.0)]
-    import base64
-
+    with DripServer(files={"/cat.png": buffer.getvalue()}) as server:
+        assert pipe(f"{server.url}/cat.png", timeout=3.0) == expected
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"not downloaded within 1\.5 s"):
+            pipe(f"{server.url}/slow.png", timeout=1.5)
+        assert time.monotonic() - start < 4.0
+        size = len(buffer.getvalue())
+        with pytest.raises(OSError, match=f"announces {size:,} bytes, more than the limit of {size - 1:,}"):
+            pipe(f"{server.url}/cat.png", max_image_bytes=size - 1)
     assert pipe("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()) == expected
 
 
@@ -142,7 +138,7 @@ def test_clear_errors(captioner, tmp_path):
         pipe(tiny.random_images(1)[0], beam_size=3)
     with pytest.raises(ValueError, match="both directly and in `generate_kwargs`"):
         pipe(tiny.random_images(1)[0], num_beams=2, generate_kwargs={"num_beams": 3})
-    with pytest.raises(ValueError, match="neither an existing image file nor an http"):
+    with pytest.raises(OSError, match="neither an existing image file nor an http"):
         pipe(str(tmp_path / "missing.jpg"))
     with pytest.raises(ValueError, match="No image given"):
         pipe()

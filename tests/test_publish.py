@@ -42,8 +42,8 @@ EXPECTED_INDEX = {("bags_3", "TrueMatch #3 R@1"): 62.61, ("bags_5", "TrueMatch #
                   ("COCO (Karpathy test split)", "CLIP-S"): 75.25, ("COCO (Karpathy test split)", "CIDEr-D"): 26.5,
                   ("COCO (Karpathy test split)", "BLEU-4"): 17.04}
 MODEL_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors", "configuration_clipcap.py",
-               "modeling_clipcap.py", "processing_clipcap.py", "pipeline_clipcap.py", "processor_config.json",
-               "tokenizer.json", "tokenizer_config.json"}
+               "modeling_clipcap.py", "processing_clipcap.py", "pipeline_clipcap.py", "image_loading.py",
+               "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
 
 
 def front_matter(path: Path) -> dict:

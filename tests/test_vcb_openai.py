@@ -192,3 +192,36 @@ def test_cli_openai_backend_wiring(coco, tmp_path, monkeypatch):
     assert sum(json.loads(p.read_text())["report"]["retries"].get("http_5xx", 0)
                for p in (tmp_path / "blendcap" / "runs").glob("*.json")) == 1
     assert not any("sk-test-123" in p.read_text() for p in tmp_path.rglob("*.json*"))
+
+
+def test_trickling_answer_times_out_per_attempt_and_is_retried():
+    """A server that sends one byte every 0.5 s never trips httpx's per-read timeout; each attempt
+    still ends at `timeout` (overall), counts as a timeout and is retried (issue 17.1)."""
+    import json
+    import time
+
+    from tests.slow_server import DripServer
+
+    ok = json.dumps({"choices": [{"message": {"role": "assistant", "content": "A red square."},
+                                  "finish_reason": "stop"}]}).encode()
+    request = GenRequest(7, [{"role": "user", "content": "x"}])
+    # the first attempt trickles, the retry is answered at once
+    with DripServer(interval=0.5, max_seconds=20, files={"/v1/chat/completions": ok}, drip_requests=1) as srv:
+        llm = OpenAIChatBackend(LLM, f"{srv.url}/v1", max_retries=2, **{**FAST, "timeout": 1.0})
+        start = time.monotonic()
+        [res] = llm.generate([request])
+        elapsed = time.monotonic() - start
+        llm.close()
+    assert res.error is None and res.text == "A red square." and res.retries == 1
+    assert llm.retry_counts == Counter({"timeout": 1}) and len(srv.requests) == 2
+    assert elapsed < 3.0, elapsed
+    # every attempt trickles: gives up after the retries, each attempt bounded
+    with DripServer(interval=0.5, max_seconds=20) as srv:
+        llm = OpenAIChatBackend(LLM, f"{srv.url}/v1", max_retries=1, **{**FAST, "timeout": 1.0})
+        start = time.monotonic()
+        [res] = llm.generate([request])
+        elapsed = time.monotonic() - start
+        llm.close()
+    assert res.error is not None and "gave up after 1 retries" in res.error
+    assert "timeout: no complete answer within 1 s" in res.error
+    assert llm.retry_counts == Counter({"timeout": 1}) and elapsed < 4.0, elapsed

@@ -184,6 +184,8 @@ def test_cli_help_and_bad_arguments(coco_path, tmp_path):
                      "--split", "nope", "--no-progress"]) == 2
         assert main(["run", "--dataset", str(tmp_path / "missing"), "--out", str(tmp_path), "--backend", "echo"]) == 2
         assert main(["run", "--dataset", str(coco_path), "--out", str(tmp_path), "--backend", "echo",
+                     "--stages", "blendcap,nope"]) == 2
+        assert main(["run", "--dataset", str(coco_path), "--out", str(tmp_path), "--backend", "echo",
                      "--stages", "visualcap", "--ids", "7", "--split", "val", "--no-progress"]) == 0
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -229,3 +231,60 @@ def test_visualcap_skips_rows_without_image(tmp_path):
     rep = _run_echo(data, tmp_path / "out", stages=("visualcap",))[0]
     assert (rep.new, rep.missing_inputs, rep.status) == (2, 1, "finished")
     assert sorted(read_records(tmp_path / "out" / "visualcap")) == [1, 3]
+
+
+def _manifests(stage_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((stage_dir / "runs").glob("*.json"))]
+
+
+def test_sigkilled_run_leaves_a_manifest_with_current_counts_then_marked_killed(coco_path, tmp_path):
+    """The manifest is rewritten after each shard: a SIGKILL leaves the counts and the retries of
+    what was written (issue 17.8); the next run marks it `killed` and finishes the work."""
+    from tests.test_vcb_support import LLM, FakeOpenAIServer
+
+    out = tmp_path / "run"
+    stage_dir = out / "blendcap"
+    with FakeOpenAIServer(faults={1: "500", 2: "429", 4: "503"}, latency_s=0.03) as srv:
+        cmd = [sys.executable, "-m", "datasets_scripts.vcb", "run", "--dataset", str(coco_path), "--split", "train",
+               "--out", str(out), "--stages", "blendcap", "--backend", "openai", "--llm", LLM,
+               "--base-url", srv.url, "--concurrency", "1", "--timeout", "5", "--backoff-base", "0.01",
+               "--shard-size", "2", "--no-progress"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and len(_all_lines(out, "blendcap")) < 6:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        on_disk = len(_all_lines(out, "blendcap"))
+        [killed] = _manifests(stage_dir)
+        assert 6 <= on_disk < len(IDS)
+        assert killed["status"] == "running" and killed["pid"] == proc.pid
+        # the counts of the last shard's manifest update (a kill may fall between a shard and its update)
+        assert killed["report"]["written"] in (on_disk, on_disk - 2) and killed["report"]["written"] >= 4
+        assert killed["report"]["new"] >= killed["report"]["written"]
+        assert killed["report"]["retries"] == {"http_5xx": 2, "http_429": 1}
+
+        final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert "1 earlier run(s) ended without a final report (killed)" in final.stderr
+    by_status = {m["status"]: m for m in _manifests(stage_dir)}
+    assert set(by_status) == {"killed", "finished"}
+    assert by_status["killed"]["report"]["retries"] == {"http_5xx": 2, "http_429": 1}
+    assert by_status["finished"]["report"]["written"] == len(IDS) - on_disk
+    assert sorted(_all_lines(out, "blendcap")) == IDS
+
+
+def test_a_running_manifest_of_a_live_process_is_left_alone(coco_path, tmp_path):
+    from datasets_scripts.vcb import mark_killed_runs
+
+    data = load_split(coco_path, "train")
+    _run_echo(data, tmp_path, stages=("blendcap",), limit=2)
+    [path] = (tmp_path / "blendcap" / "runs").glob("*.json")
+    manifest = json.loads(path.read_text())
+    assert manifest["status"] == "finished" and manifest["report"]["written"] == 2
+    manifest["status"] = "running"
+    for pid, expected in [(os.getppid(), "running"), (2**22 + 12345, "killed")]:  # alive / no such process
+        path.write_text(json.dumps({**manifest, "pid": pid}))
+        mark_killed_runs(tmp_path / "blendcap")
+        assert json.loads(path.read_text())["status"] == expected

@@ -138,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
-        raise SystemExit(f"error: unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]
     data = load_split(args.dataset, args.split)
     templates = {s: load_prompt(s, args.prompts_dir) for s in stages}

@@ -5,7 +5,9 @@ Requests go to ``POST {base_url}/chat/completions`` with ``httpx.AsyncClient``; 
 content part of the last user turn. Transient failures (HTTP 429 and 5xx, connection errors,
 timeouts, a 200 whose body is not the expected JSON) are retried with capped exponential
 backoff plus jitter, or after the server's ``Retry-After``; the retries are counted per
-reason. Any other 4xx is a client error: not retried, reported with the COCO id, the status
+reason. Each attempt has an overall deadline (``timeout``: connection, upload and the whole
+answer), so a server that trickles its answer a byte at a time fails as a timeout and is retried.
+Any other 4xx is a client error: not retried, reported with the COCO id, the status
 and the server's own message.
 """
 
@@ -107,7 +109,7 @@ class OpenAIChatBackend(Backend):
         max_new_tokens, temperature, top_p, seed, stop: sampling settings sent with each request.
         extra_body: more JSON fields for the request (e.g. ``{"repetition_penalty": 1.1}`` for vLLM).
         concurrency: requests in flight at most.
-        timeout: seconds per request attempt (connect, read, write and pool).
+        timeout: seconds per request attempt, overall (connect, upload and the whole answer).
         max_retries: retries per request before it fails.
         backoff_base, backoff_max, jitter: capped exponential backoff, see :func:`backoff_delay`.
         retry_after_max: longest ``Retry-After`` honoured (seconds).
@@ -197,10 +199,10 @@ class OpenAIChatBackend(Backend):
         retries = 0
         while True:
             retry_after = None
-            try:
-                resp = await client.post(self.url, json=body)
-            except httpx.TimeoutException as e:
-                reason, detail = "timeout", f"no answer within {self.timeout:g} s ({type(e).__name__})"
+            try:  # an overall deadline per attempt: httpx's timeouts bound each read, not the whole answer
+                resp = await asyncio.wait_for(client.post(self.url, json=body), self.timeout)
+            except (TimeoutError, httpx.TimeoutException) as e:
+                reason, detail = "timeout", f"no complete answer within {self.timeout:g} s ({type(e).__name__})"
             except httpx.TransportError as e:
                 reason, detail = "connection", f"{type(e).__name__}: {e}"
             else:

@@ -9,13 +9,18 @@
 ``<run_dir>/<stage>/shards/*.jsonl`` through :class:`~.store.ShardStore` (ids already there
 are skipped), each record carries its provenance (model, backend, prompt hash, run id, flags,
 raw output) and each run writes ``<run_dir>/<stage>/runs/<run_id>.json`` with the generation
-settings, the prompt, the counts and the throughput.
+settings, the prompt, the counts and the throughput. The manifest is rewritten after every shard
+file, so a run killed without warning (SIGKILL, power loss) leaves the counts and retries of what
+it wrote, with status ``running``; the next run in the folder marks such a manifest ``killed``
+when its process (same host, ``pid``) is gone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import platform
 import secrets
 import time
@@ -32,7 +37,7 @@ from .data import CocoSplit, select_ids
 from .prompts import STAGES, PromptTemplate
 from .store import ShardStore, read_records, write_json_atomic
 
-__all__ = ["StageReport", "VCBError", "run_stage", "stage_records"]
+__all__ = ["StageReport", "VCBError", "mark_killed_runs", "run_stage", "stage_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class StageReport:
     selected: int = 0
     done_before: int = 0
     new: int = 0
+    written: int = 0
     flagged: int = 0
     flag_counts: dict[str, int] = field(default_factory=dict)
     failed: int = 0
@@ -88,6 +94,39 @@ def _check_provenance(done: dict[int, dict], backend: Backend, template: PromptT
             f"{ {h[:12] if h else h: n for h, n in other_hashes.items()} or ''} than this run's "
             f"({backend.model!r}, prompt {template.sha256[:12]}). Use another --out folder, or pass "
             "--allow-mixed-provenance to add to it (each record keeps its own model and prompt hash).")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def mark_killed_runs(stage_dir: Path) -> list[str]:
+    """Mark the manifests of runs that died without a final report (status ``running``, same host,
+    process gone) as ``killed``; returns their run ids. Their counts are those of their last shard."""
+    killed = []
+    for path in sorted((stage_dir / "runs").glob("*.json")):
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        pid = manifest.get("pid")
+        if (manifest.get("status") != "running" or manifest.get("host") != platform.node()
+                or not isinstance(pid, int) or pid == os.getpid() or _process_alive(pid)):
+            continue
+        manifest["status"] = manifest["report"]["status"] = "killed"
+        manifest["killed_noticed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json_atomic(path, manifest)
+        killed.append(manifest.get("run_id", path.stem))
+    if killed:
+        logger.warning("%s: %d earlier run(s) ended without a final report (killed): %s; their manifests "
+                       "count what they had written", stage_dir.name, len(killed), ", ".join(killed))
+    return killed
 
 
 def _versions() -> dict[str, str]:
@@ -173,21 +212,36 @@ def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend
 
     manifest_path = stage_dir / "runs" / f"{run_id}.json"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    mark_killed_runs(stage_dir)
 
     def write_manifest() -> None:
         write_json_atomic(manifest_path, {
             "run_id": run_id, "stage": stage, "status": report.status, "started_at": started,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dataset": data.source, "split": data.split,
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "pid": os.getpid(),
+            "dataset": data.source, "split": data.split,
             "selection": {"ids": None if ids is None else len(ids), "limit": limit, "shard": f"{shard[0]}/{shard[1]}"},
             "generation": backend.settings(),
             "prompt": {"source": template.source, "sha256": template.sha256, "system_mode": system_mode,
                        "template": template.canonical()},
             "report": asdict(report), "versions": _versions(), **(manifest_extra or {})})
 
-    write_manifest()
     retries_before = Counter(backend.retry_counts)
     flag_counts: Counter[str] = Counter()
     t0 = time.perf_counter()
+
+    def refresh_report() -> None:
+        report.written = store.written
+        report.seconds = time.perf_counter() - t0
+        report.captions_per_s = report.new / report.seconds if report.seconds > 0 else 0.0
+        report.flag_counts = dict(flag_counts)
+        report.retries = {k: v for k, v in (backend.retry_counts - retries_before).items() if v}
+
+    def shard_written() -> None:  # the manifest follows the shards: a SIGKILL leaves current counts
+        refresh_report()
+        write_manifest()
+
+    write_manifest()
+    store.on_flush = shard_written
     bar = tqdm(total=len(todo), desc=stage, unit="cap", disable=not progress, dynamic_ncols=True, smoothing=0.05)
     try:
         for start in range(0, len(todo), backend.chunk_size):
@@ -214,11 +268,11 @@ def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend
                     rec["inputs_sha256"] = hashlib.sha256(f"{b['text']}\0{v['text']}".encode()).hexdigest()[:16]
                     if b.get("flags") or v.get("flags"):
                         rec["flags"] = flags = flags + ["input_flagged"]
-                store.add(rec)
                 report.new += 1
                 if flags:
                     report.flagged += 1
                     flag_counts.update(flags)
+                store.add(rec)  # last: a shard written here updates the manifest with these counts
             report.failed += len(failures)
             report.failed_ids += [f.cocoid for f in failures]
             bar.update(len(chunk))
@@ -239,10 +293,8 @@ def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend
         raise
     finally:
         bar.close()
+        store.on_flush = None
         store.close()
-        report.seconds = time.perf_counter() - t0
-        report.captions_per_s = report.new / report.seconds if report.seconds > 0 else 0.0
-        report.flag_counts = dict(flag_counts)
-        report.retries = {k: v for k, v in (backend.retry_counts - retries_before).items() if v}
+        refresh_report()
         write_manifest()
     return report

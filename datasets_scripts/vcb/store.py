@@ -22,7 +22,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["ShardStore", "read_records", "write_json_atomic", "fsync_dir"]
 
@@ -106,10 +106,12 @@ class ShardStore:
         writer: writer tag, unique per concurrently running process (``s<i>of<n>``).
         shard_size: records per shard file (a kill loses at most this many).
         flush_every_s: also write a shard when the oldest buffered record is this old.
+        on_flush: called after each shard file is written (the pipeline updates its run manifest
+            there, so that a killed run's manifest counts what is on disk).
     """
 
     def __init__(self, stage_dir: str | Path, writer: str = "s0of1", shard_size: int = 256,
-                 flush_every_s: float = 60.0) -> None:
+                 flush_every_s: float = 60.0, on_flush: Callable[[], None] | None = None) -> None:
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         self.stage_dir = Path(stage_dir)
@@ -118,6 +120,7 @@ class ShardStore:
         self.writer = writer
         self.shard_size = shard_size
         self.flush_every_s = flush_every_s
+        self.on_flush = on_flush
         self.session = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
         self._buffer: list[dict] = []
         self._buffer_since: float | None = None
@@ -155,6 +158,8 @@ class ShardStore:
         self._seq += 1
         self._buffer = []
         self._buffer_since = None
+        if self.on_flush is not None:
+            self.on_flush()
 
     def close(self) -> None:
         """Flush what is buffered."""

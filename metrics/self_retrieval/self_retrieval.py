@@ -22,6 +22,8 @@ from .clip_judge import (
     resolve_image_embeddings,
     similarity,
 )
+# evaluate.load copies only the siblings a module script imports itself: clip_judge.py needs this one
+from .image_loading import open_image
 
 __all__ = ["SelfRetrieval", "load_imagecode"]
 

@@ -1,0 +1,1 @@
+../modeling_clipcap/image_loading.py
