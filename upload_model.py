@@ -11,7 +11,7 @@ The staged folder (what gets pushed) holds:
   writes: ``modeling_clipcap.AUTO_MAP``, and ``custom_pipelines`` for the "image-to-text"
   pipeline), ``generation_config.json``;
 - the remote code: ``configuration_clipcap.py``, ``modeling_clipcap.py``,
-  ``processing_clipcap.py``, ``pipeline_clipcap.py``;
+  ``processing_clipcap.py``, ``pipeline_clipcap.py``, ``image_loading.py``;
 - the processor files (``processor_config.json``, tokenizer files);
 - ``README.md``: the model card (``modeling_clipcap/model_card.py``).
 
@@ -200,7 +200,7 @@ def save_model_folder(model, processor, folder: Path) -> None:
     custom_object_save(ClipCapCaptioningPipeline, folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     expected = {"configuration_clipcap.py", "modeling_clipcap.py", "processing_clipcap.py", "pipeline_clipcap.py",
-                "model.safetensors", "config.json", "generation_config.json"}
+                "image_loading.py", "model.safetensors", "config.json", "generation_config.json"}
     missing = sorted(n for n in expected if not (folder / n).is_file())
     if missing or config.get("auto_map") != AUTO_MAP or "custom_pipelines" not in config:
         raise UploadError(f"the staged folder is incomplete (missing {missing or 'auto_map/custom_pipelines'}); "
