@@ -128,15 +128,21 @@ def build_rewards(args: SRScriptArguments, train, bf16: bool = False) -> tuple[l
 def parse_args(argv: list[str] | None = None) -> tuple[SRModelArguments, SRScriptArguments, SRConfig]:
     parser = TrlParser((SRModelArguments, SRScriptArguments, SRConfig), description=__doc__)
     try:
-        return parser.parse_args_and_config(args=argv)
+        model_args, script_args, config = parser.parse_args_and_config(args=argv)
     except (ValueError, OSError) as error:  # SRConfig.__post_init__ checks, unreadable --config
         parser.error(str(error))
+    if model_args.lora_modules not in ("L", "V", "LV", "none"):
+        parser.error(f"--lora_modules {model_args.lora_modules!r}: use L, V, LV or none")
+    unknown = sorted(set(script_args.rewards) - {"sr", "cider"})
+    if unknown or not script_args.rewards:
+        parser.error(f"--rewards {' '.join(script_args.rewards)!r}: use sr and/or cider")
+    if script_args.cider_df not in ("corpus", "batch"):
+        parser.error(f"--cider_df {script_args.cider_df!r}: use corpus or batch")
+    return model_args, script_args, config
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, script_args, config = parse_args(argv)
-    if model_args.lora_modules not in ("L", "V", "LV", "none"):
-        raise SystemExit(f"error: --lora_modules {model_args.lora_modules!r}: use L, V, LV or none")
     from datasets_scripts.coco import concat_splits, load_coco
 
     data = load_coco(script_args.dataset)

@@ -373,3 +373,24 @@ def test_generation_summons_full_fsdp1_parameters(tmp_path, tokenizer, data, mon
     monkeypatch.setattr(trainer.model, "generate", generate)
     trainer._prepare_inputs(trainer.data_collator([dict(data[i], bag_id=0) for i in range(3)]))
     assert events == [("summon", False), ("generate", None), ("release", None)]
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "0"], "temperature must be > 0"),
+    (["--bag_schedule", "3:2,x:3"], "last_epoch:size"),
+    (["--lora_modules", "X"], "--lora_modules 'X'"),
+    (["--rewards", "sr", "bleu"], "use sr and/or cider"),
+    (["--cider_df", "weekly"], "use corpus or batch"),
+])
+def test_bad_train_sr_arguments_are_one_error_line(tmp_path, capsys, flags, message):
+    import train_sr
+
+    with pytest.raises(SystemExit) as info:
+        train_sr.main(["--model", "m", "--dataset", "d", "--output_dir", str(tmp_path), *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train_sr.py: error:") or "error:" in err[-1]
+    assert message in err[-1]
