@@ -1,7 +1,7 @@
 """Caption your own images with a ClipCap model.
 
     python inference.py photo.jpg holiday/ "scans/*.png" https://example.com/cat.jpg \
-        [--model ID_OR_PATH] [--num-beams 5] [--batch-size 16] [--device auto|cpu|cuda] \
+        [--model ID_OR_PATH] [--num-beams 5] [--batch-size 16] [--device auto|cpu|cuda] [--dtype auto] \
         [--output captions.jsonl|captions.csv [--resume]]
 
 Inputs may be files, folders (searched recursively for images, symbolic links followed), glob
@@ -167,8 +167,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_captioner(name_or_path: str, device: torch.device):
-    """(model, processor) from our format, or from the authors' release layout (converted)."""
+def load_captioner(name_or_path: str, device: torch.device, dtype: str | torch.dtype | None = None):
+    """(model, processor) from our format, or from the authors' release layout (converted).
+
+    ``dtype``: ``"auto"`` = bf16 where `device` runs it natively (a CUDA GPU with bf16, a CPU with
+    AMX / AVX-512 bf16), else float32; None or ``"float32"`` = float32; or a dtype name."""
+    from metrics.clip_judge import resolve_dtype
+
     import modeling_clipcap  # noqa: F401  (registers the Auto classes)
     from modeling_clipcap import ClipCapForCaptioning
     from modeling_clipcap.convert_ndlb import ensure_converted
@@ -176,7 +181,7 @@ def load_captioner(name_or_path: str, device: torch.device):
     folder = ensure_converted(name_or_path)
     from transformers import AutoProcessor
 
-    model = ClipCapForCaptioning.from_pretrained(folder).to(device).eval()
+    model = ClipCapForCaptioning.from_pretrained(folder).to(device, dtype=resolve_dtype(dtype, device)).eval()
     processor = AutoProcessor.from_pretrained(folder)
     return model, processor
 
@@ -342,6 +347,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=_positive(int, "1 or more images per forward pass"), default=16,
                         help="images per forward pass (default: 16)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="weights dtype: auto = bfloat16 where the device runs it natively (CUDA with bf16, "
+                             "CPUs with AMX / AVX-512 bf16), else float32 (default: auto)")
     parser.add_argument("--timeout", type=_positive(float, "a number of seconds above 0"), default=20.0,
                         help="seconds for a whole URL download, connection to last byte (default: 20)")
     parser.add_argument("--max-image-mb", type=_positive(float, "a size in MB above 0"), default=50.0,
@@ -400,7 +408,7 @@ def main(argv=None) -> int:
                                              else ""), file=sys.stderr)
         if sources:
             try:
-                model, processor = load_captioner(args.model, resolve_device(args.device))
+                model, processor = load_captioner(args.model, resolve_device(args.device), args.dtype)
             except (OSError, ValueError) as error:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 print(f"error: --model {args.model}: cannot load it ({first})", file=sys.stderr)

@@ -111,3 +111,25 @@ def test_mle_training_in_bf16_lowers_the_loss(tmp_path, tiny_clipcap_dir):
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_bf16_captioner_is_close_to_float32_and_inference_loads_it(tmp_path, tiny_clipcap_dir):
+    from transformers import AutoProcessor
+
+    import inference
+    from modeling_clipcap import ClipCapForCaptioning
+
+    model32, processor = inference.load_captioner(str(tiny_clipcap_dir), torch.device("cpu"), "float32")
+    model16, _ = inference.load_captioner(str(tiny_clipcap_dir), torch.device("cpu"), "bfloat16")
+    auto, _ = inference.load_captioner(str(tiny_clipcap_dir), torch.device("cpu"), "auto")
+    assert {p.dtype for p in model16.parameters()} == {torch.bfloat16}
+    assert next(auto.parameters()).dtype == (torch.bfloat16 if bf16_available("cpu") else torch.float32)
+    reference = ClipCapForCaptioning.from_pretrained(tiny_clipcap_dir).eval()  # today's float32 path
+    pixel_values = processor(images=tiny.random_images(8, seed=4))["pixel_values"]
+    assert torch.equal(model32.generate(pixel_values=pixel_values, num_beams=1, max_new_tokens=6),
+                       reference.generate(pixel_values=pixel_values, num_beams=1, max_new_tokens=6))
+    ids = torch.randint(0, 300, (8, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p32 = torch.softmax(model32(pixel_values=pixel_values, input_ids=ids).logits.float(), -1)
+        p16 = torch.softmax(model16(pixel_values=pixel_values, input_ids=ids).logits.float(), -1)
+    assert (p32 - p16).abs().max() < 0.02  # next-token probabilities within 2 points

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_inference(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "inference.py", *map(str, args)], cwd=cwd, capture_output=True,
+    """inference.py in a subprocess; in float32 (captions are compared with a float32 `generate`)."""
+    args = [*map(str, args), *([] if "--dtype" in args or "--help" in args else ["--dtype", "float32"])]
+    return subprocess.run([sys.executable, "inference.py", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
@@ -111,7 +113,8 @@ def test_authors_release_folder_is_converted_on_the_fly(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(convert_ndlb, "ensure_converted", with_tiny_heads)
     image = image_folder / "a.png"
-    assert inference.main([str(image), "--model", str(release), "--max-new-tokens", "5", "--quiet"]) == 0
+    assert inference.main([str(image), "--model", str(release), "--max-new-tokens", "5", "--quiet",
+                           "--dtype", "float32"]) == 0
     converted = with_tiny_heads(str(release))
     assert Path(converted).parent == tmp_path / "cache"
     caption = expected_captions(converted, [Image.open(image)], max_new_tokens=5)[0]
@@ -177,7 +180,8 @@ def test_sigterm_keeps_the_finished_rows_and_resume_completes(tmp_path, tiny_cli
         for i, image in enumerate(tiny.random_images(4, seed=10 + k)):
             image.save(folder / f"{i}.png")
     out = tmp_path / "captions.jsonl"
-    common = ["--model", tiny_clipcap_dir, "--max-new-tokens", "4", "--batch-size", "2", "--quiet", "--output", out]
+    common = ["--model", tiny_clipcap_dir, "--max-new-tokens", "4", "--batch-size", "2", "--quiet", "--output", out,
+              "--dtype", "float32"]
     with DripServer(interval=0.5, max_seconds=120) as server:
         url = f"{server.url}/slow.jpg"
         proc = subprocess.Popen([sys.executable, "inference.py", first, url, second, "--timeout", "100",
