@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def real_size_parts(seed: int = 0, judge_dtype: str | None = None):
+def real_size_parts(seed: int = 0, judge_dtype: str | None = None, device: str = "cpu"):
     """(captioner, processor, judge) with random weights at real size, built offline."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -69,7 +69,7 @@ def real_size_parts(seed: int = 0, judge_dtype: str | None = None):
                                                         pad_token_id=eos))).eval()
     tokenizer.model_max_length = 77
     judge = ClipJudge.from_transformers(judge_model, tokenizer, image_processor, name="random-clip-b32",
-                                        dtype=judge_dtype)
+                                        dtype=judge_dtype, device=device)
     return model, processor, judge
 
 
@@ -86,13 +86,14 @@ def run_ours(args, bf16: bool = False, chunk: int | None = 25) -> dict:
 
     from trainers import SelfRetrievalReward, SRConfig, SRTrainer, sr_lora_config
 
-    model, processor, judge = real_size_parts(judge_dtype="bfloat16" if bf16 else None)
+    model, processor, judge = real_size_parts(judge_dtype="bfloat16" if bf16 else None, device=args.device)
     n = args.bags * args.bag_size
     data = datasets.Dataset.from_dict({"cocoid": list(range(n)), "image": images(n), "captions": [["x"]] * n})
     bags = {args.bag_size: [list(range(i, i + args.bag_size)) for i in range(0, n, args.bag_size)]}
     config = SRConfig(output_dir=str(Path(args.tmp) / "ours"), per_device_train_batch_size=n, max_steps=args.steps,
                       bag_schedule=str(args.bag_size), max_new_tokens=args.max_new_tokens, bf16=bf16,
-                      logprob_chunk_size=chunk, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True,
+                      logprob_chunk_size=chunk, report_to="none", save_strategy="no", logging_steps=1,
+                      use_cpu=args.device == "cpu",
                       num_train_epochs=args.steps)
     trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=config, train_dataset=data,
                         processing_class=processor, train_bags=bags, peft_config=sr_lora_config("LV"))
@@ -192,10 +193,11 @@ def run_agreement(args) -> dict:
     from metrics.clip_judge import ClipJudge, retrieval_scores, similarity
     from trainers import completion_mask
 
-    model, processor, judge = real_size_parts()
+    model, processor, judge = real_size_parts(device=args.device)
+    model = model.to(args.device)
     n = args.bags * args.bag_size
     pictures = images(n)
-    pixel_values = processor(images=pictures)["pixel_values"]
+    pixel_values = processor(images=pictures)["pixel_values"].to(args.device)
     torch.manual_seed(0)
     with torch.no_grad():
         ids = model.generate(pixel_values=pixel_values, do_sample=True, temperature=0.3, top_k=None, num_beams=1,
@@ -204,13 +206,15 @@ def run_agreement(args) -> dict:
     captions = processor.batch_decode(ids)
     import copy
 
-    judge16 = ClipJudge(copy.deepcopy(judge._backend), name=judge.name, dtype="bfloat16")  # its own weights
+    judge16 = ClipJudge(copy.deepcopy(judge._backend), name=judge.name, dtype="bfloat16",
+                        device=args.device)  # its own weights
     rewards = {}
     for name, j in (("fp32", judge), ("bf16", judge16)):
         sim = similarity(j.embed_texts(captions), j.embed_images(pictures))
         rewards[name] = retrieval_scores(sim, torch.arange(n), scale=j.logit_scale)[0]
     logps = {}
-    for name, ctx in (("fp32", torch.autocast("cpu", enabled=False)), ("bf16", torch.autocast("cpu", torch.bfloat16))):
+    kind = torch.device(args.device).type
+    for name, ctx in (("fp32", torch.autocast(kind, enabled=False)), ("bf16", torch.autocast(kind, torch.bfloat16))):
         with torch.no_grad(), ctx:
             logits = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask.long(),
                            logits_to_keep=ids.shape[1] + 1).logits[:, :-1].float()
@@ -235,12 +239,16 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.device != "cpu" and args.variant.startswith("naive"):
+        raise SystemExit("the naive variants run on the CPU only; leave them out of --variants with --device cuda")
     if args.variant == "agreement":
         result = run_agreement(args)
     else:
         result = VARIANTS[args.variant](args)
         result["total_s"] = result["generate_s"] + result["reward_s"] + result["logprob_fwd_bwd_s"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available() and args.device != "cpu":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result))
 
 
@@ -252,6 +260,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--naive-steps", type=int, default=1, help="steps of the naive reference (no cache to fill)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the naive variants run on the CPU only)")
     parser.add_argument("--variants", nargs="+", default=[*VARIANTS, "agreement"],
                         choices=[*VARIANTS, "agreement"], help="what to run (default: all)")
     parser.add_argument("--variant", choices=[*VARIANTS, "agreement"], help=argparse.SUPPRESS)

@@ -48,3 +48,8 @@ def tiny_clipcap(tokenizer):
 def tiny_clipcap_dir(tmp_path_factory, tokenizer):
     """Folder of a saved tiny ClipCap (weights, config with auto_map, code files, processor)."""
     return tiny.save_tiny_clipcap(tmp_path_factory.mktemp("clipcap"), tokenizer)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped (with the reason) on machines without one; "
+                                       "benchmarks/gpu_check.sh runs them")
