@@ -80,14 +80,15 @@ def main(argv: list[str] | None = None) -> dict:
         script_args, training_args = parser.parse_args_and_config(args=argv)
     except (ValueError, OSError) as error:  # TrainingArguments checks, unreadable --config
         parser.error(str(error))
-    from datasets_scripts.coco import concat_splits, load_coco
+    from datasets_scripts.coco import concat_splits, load_caption_source, load_coco
 
     data = load_coco(script_args.dataset)
+    captions = load_caption_source(script_args.captions_from) if script_args.captions_from else None
 
     def pairs(split: str) -> CaptionPairs:
         rows = concat_splits(data, split)
-        if script_args.captions_from:
-            rows = join_caption_columns(rows, script_args.captions_from)
+        if captions is not None:
+            rows = join_caption_columns(rows, captions)
         return CaptionPairs(rows, script_args.caption_column)
 
     train = pairs(script_args.train_split)

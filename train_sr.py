@@ -143,13 +143,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[SRModelArguments, SRScrip
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, script_args, config = parse_args(argv)
-    from datasets_scripts.coco import concat_splits, load_coco
+    from datasets_scripts.coco import concat_splits, load_caption_source, load_coco
 
     data = load_coco(script_args.dataset)
     train = concat_splits(data, script_args.train_split)
     evaluation = concat_splits(data, script_args.eval_split) if script_args.eval_split else None
     if script_args.captions_from:
-        train = join_caption_columns(train, script_args.captions_from, script_args.id_column)
+        train = join_caption_columns(train, load_caption_source(script_args.captions_from), script_args.id_column)
     try:
         train_bags = {}
         for path in script_args.bags:

@@ -361,6 +361,13 @@ def concat_splits(dsd: DatasetDict, spec: str) -> datasets.Dataset:
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+def load_caption_source(source: str | os.PathLike) -> datasets.Dataset:
+    """Every split of a caption dataset (e.g. the HolisticCap export: ``cocoid``, ``blendcap``,
+    ``visualcap``, ``holisticcap``), a folder or Hub id, as one dataset: what
+    :func:`trainers.join_caption_columns` joins onto the images by id."""
+    return datasets.concatenate_datasets(list(load_coco(source).values()))
+
+
 def fingerprint_ids(cocoids: Iterable[int]) -> str:
     """Short stable hash of a sequence of COCO ids (cache keys, page ids)."""
     h = hashlib.sha256()
@@ -411,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["FEATURES", "MissingImagesError", "build_coco", "check_image", "concat_splits", "fingerprint_ids",
+           "load_caption_source",
            "image_candidates", "load_coco", "main", "read_karpathy", "save_coco"]
 
 if __name__ == "__main__":

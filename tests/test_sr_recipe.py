@@ -152,7 +152,8 @@ def test_random_batch_evaluation_and_five_beams(tokenizer, tmp_path, tiny_clip_j
     model, processor = tiny.build_tiny_clipcap(tokenizer, seed=2)
     args = SRConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", bag_schedule="rand",
                     eval_random_batch_size=4, max_new_tokens=5, seed=3)
-    trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=args, processing_class=processor, eval_dataset=data)
+    trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=args, processing_class=processor, eval_dataset=data,
+                        eval_judge=judge)
     batches = trainer.random_batches(10)
     assert [len(b) for b in batches] == [4, 4] and len(set(sum(batches, []))) == 8  # remainder dropped
     assert batches == trainer.random_batches(10)  # fixed by the seed

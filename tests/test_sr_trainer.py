@@ -311,7 +311,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, tokenizer, sr_data, judge):
 def test_evaluate_reports_bag_r1_and_cider(tmp_path, tokenizer, sr_data, judge):
     model, processor = tiny.build_tiny_clipcap(tokenizer)
     trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=sr_config(tmp_path), train_dataset=sr_data,
-                        eval_dataset=sr_data.select(range(9)), eval_bags=bags_of(3, 9), processing_class=processor)
+                        eval_dataset=sr_data.select(range(9)), eval_bags=bags_of(3, 9), processing_class=processor,
+                        eval_judge=judge)
     metrics = trainer.evaluate()
     # recompute R@1 by hand from the same captions
     captions = trainer.caption(sr_data.select(range(9)))
@@ -329,7 +330,8 @@ def test_periodic_evaluation_selects_the_best_checkpoint(tmp_path, tokenizer, sr
     args = sr_config(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                      metric_for_best_model="eval_r1_bags", greater_is_better=True, load_best_model_at_end=True)
     trainer = SRTrainer(model, [SelfRetrievalReward(judge)], args=args, train_dataset=sr_data,
-                        eval_dataset=sr_data.select(range(9)), eval_bags=bags_of(3, 9), processing_class=processor)
+                        eval_dataset=sr_data.select(range(9)), eval_bags=bags_of(3, 9), processing_class=processor,
+                        eval_judge=judge)
     trainer.train()
     evals = {h["step"]: h["eval_r1_bags"] for h in trainer.state.log_history if "eval_r1_bags" in h}
     assert sorted(evals) == [2, 4]

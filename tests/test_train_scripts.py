@@ -121,7 +121,9 @@ def test_holisticcap_export_joins_onto_the_image_dataset(tmp_path, coco_dir, tok
     assert vcb(["export", "--run-dir", str(tmp_path / "vcb"), "--dataset", str(coco_dir), "--allow-partial",
                 "--tokenizer", str(tmp_path / "tokenizer"), "--out", str(tmp_path / "holistic")]) == 0
     images = datasets.load_from_disk(coco_dir)["train"]
-    joined = join_caption_columns(images, tmp_path / "holistic")
+    from datasets_scripts.coco import load_caption_source
+
+    joined = join_caption_columns(images, load_caption_source(tmp_path / "holistic"))
     exported = {r["cocoid"]: r["holisticcap"] for r in
                 datasets.load_dataset("parquet", data_files=sorted(map(str, (tmp_path / "holistic").rglob("*.parquet"))),
                                       split="train")}

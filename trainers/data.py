@@ -63,18 +63,13 @@ def join_caption_columns(dataset, source, id_column: str = "cocoid"):
 
     Args:
         dataset: the image dataset (COCO format) to extend.
-        source: a dataset folder or Hub id readable by ``datasets_scripts.coco.load_coco`` (all
-            its splits are searched), or a ``datasets.Dataset``.
+        source: a ``datasets.Dataset`` holding `id_column` and caption columns (the scripts load
+            a folder or Hub id with ``datasets_scripts.coco.load_caption_source``).
 
     Images without an entry get ``None`` (skipped by :class:`CaptionPairs`); how many is logged.
     """
-    import datasets
     from transformers.utils import logging
 
-    from datasets_scripts.coco import load_coco
-
-    if not isinstance(source, datasets.Dataset):
-        source = datasets.concatenate_datasets(list(load_coco(source).values()))
     if id_column not in source.column_names:
         raise KeyError(f"the caption source has no {id_column!r} column (columns: {source.column_names})")
     skip = {id_column, "split", "image", *dataset.column_names}

@@ -57,7 +57,7 @@ from metrics.clip_judge import ClipJudge, retrieval_scores, similarity
 from .bags import BagBatchSampler, BagCollator, BagCurriculumCallback, BagView, parse_bag_schedule
 from .baselines import GreedyBaseline, build_baseline
 from .lora import init_lora_as_authors
-from .rewards import CiderReward, SelfRetrievalReward
+from .rewards import CiderReward
 from .sr_config import SRConfig
 
 logger = logging.get_logger(__name__)
@@ -144,7 +144,8 @@ class SRTrainer(Trainer):
         eval_dataset / eval_bags: held-out images and bags (lists of rows) for periodic evaluation
             (R@1 by `eval_judge` among random batches and on the bags, CIDEr-D against the
             `captions` column).
-        eval_judge: judge for evaluation; defaults to the first `SelfRetrievalReward`'s judge.
+        eval_judge: the judge that scores R@1 in evaluation (passed explicitly; without one,
+            evaluation reports CIDEr-D and caption length only).
         peft_config: the LoRA config to apply (e.g. `trainers.sr_lora_config("LV")`, the paper's
             SR-LV); None trains the model as given. Adapters start as `args.lora_init` says.
     """
@@ -209,8 +210,7 @@ class SRTrainer(Trainer):
         self.max_new_tokens = args.max_new_tokens or generation.max_new_tokens or 40
 
         self.eval_bags = [list(b) for b in eval_bags] if eval_bags is not None else None
-        judges = [f.judge for f in self.reward_funcs if isinstance(f, SelfRetrievalReward)]
-        self.eval_judge = eval_judge or (judges[0] if judges else None)
+        self.eval_judge = eval_judge
         self.bag_sampler = None
         callbacks = [*(callbacks or []), SRStateCallback(self)]
         if train_dataset is not None:
