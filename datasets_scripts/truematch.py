@@ -763,9 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["bag_features", "bags_from_knn", "build_parser", "candidate_bags", "curate", "knn", "knn_reference", "lo_bits",
-           "main", "multimodal_embeddings", "read_authors_bags", "render_card", "search_error_bound", "split_unit_rows", "training_bags",
-           "training_bags_from_knn", "write_bags_parquet", "write_json_atomic", "write_truematch"]
+__all__ = ["bag_features", "bags_from_knn", "build_parser", "candidate_bags", "curate", "knn",
+           "knn_reference", "lo_bits", "main", "multimodal_embeddings", "read_authors_bags", "render_card",
+           "search_error_bound", "split_unit_rows", "training_bags", "training_bags_from_knn",
+           "write_bags_parquet", "write_json_atomic", "write_truematch"]
 
 if __name__ == "__main__":
     sys.exit(main())
