@@ -6,9 +6,8 @@ Pipeline (``python -m datasets_scripts.truematch build``):
    the normalised CLIP image embedding and ``t`` the normalised mean of the CLIP text embeddings
    of its captions. Computed in chunks that are cached on disk (a rerun reuses finished chunks).
 2. :func:`knn` (Alg. 1 l.9): the ``k`` most similar *other* images of every image by cosine on
-   ``m`` (the rows are normalised first, so cos = (cos_image + cos_text) / 2), searched over
-   blocks of the similarity matrix (upper triangle only, it is symmetric) with a running exact
-   top-k per row: memory O(block^2 + N * k), never the N x N matrix.
+   ``m`` (the rows are normalised first, so cos = (cos_image + cos_text) / 2), per block of rows:
+   memory O(block * N + N * k), never the N x N matrix.
 3. :func:`candidate_bags` (Alg. 1 l.12-16): bag r = [r, its s-1 nearest neighbours],
    ``alpha_r`` = mean cosine between ``m_r`` and the s-1 others.
 4. :func:`curate` (Alg. 2): bags sorted by alpha (descending, stable), a bag is kept only if
@@ -16,15 +15,11 @@ Pipeline (``python -m datasets_scripts.truematch build``):
 5. :func:`training_bags` (App. B.2): disjoint hard bags over the train split from each image's
    top-200 neighbours, every image at most once per epoch.
 
-Exact, block-independent similarities. Rows of ``m`` are normalised and rounded to integers
-``round(L * m / |m|)`` with ``L = floor(4095 - sqrt(d)/2)``; every partial sum of a dot product
-of two such rows is then an integer below 2**24 in absolute value, which float32 represents
-exactly. The float32 matmul of a block therefore gives bit-identical similarities whatever the
-block size, BLAS kernel, thread count or device (CPU or CUDA; TF32 is switched off during the
-search), and ties are real ties. Ties are broken by the lower index, explicitly (``torch.topk``
-does not promise an order among equal values): the result equals a stable sort of the full
-matrix (:func:`knn_reference`). The rounding changes cosines by about 1e-4, below the noise of
-CLIP embeddings computed in half precision.
+True cosines, reproducible. The search ranks by the float64 cosine of the unit rows (within
+~d * 2^-50 of it, ~1e-12 for d = 1024), ties broken by the lower index, and gives the same bits
+whatever the block size, BLAS, thread count or device: a float32 matmul finds each row's
+candidates with a proven safety margin, then each row's candidates are re-ranked with dot
+products that are exact in float64 (:func:`split_unit_rows`, :func:`knn`).
 
 Outputs follow API contracts 3 and 4 (see ``write_truematch`` and the CLI).
 """
@@ -42,6 +37,7 @@ import shutil
 import string
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -63,28 +59,94 @@ CITATION = NDLB_CITATION
 # Similarity search (Alg. 1 l.9)
 # ---------------------------------------------------------------------------------------------
 
-def integer_codes(m: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, float]:
-    """Normalise the rows of ``m`` and round them to integers (as float32) on a grid of ``L``.
+HI_BITS = 24  # hi = round(x * 2^24) * 2^-24: |hi_t| <= 1 on a grid of 2^-24, exact in float32
 
-    Returns ``(codes, L)``; ``codes[i] @ codes[j] / L**2`` is the cosine of rows i and j up to
-    ~1e-4 and is computed exactly by any float32 matmul (see the module docstring).
-    """
-    m = torch.as_tensor(m).float()
-    if m.dim() != 2 or m.shape[0] == 0:
+
+def _as_embeddings(m: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(N, d) CPU tensor; float64 stays float64, half and float32 become float32 (exact), others float64."""
+    m = torch.as_tensor(m).detach().cpu()
+    if m.dim() != 2 or m.shape[0] == 0 or m.shape[1] == 0:
         raise ValueError(f"expected a non-empty (N, d) embedding matrix, got shape {tuple(m.shape)}")
-    norms = m.norm(dim=1, keepdim=True)
-    bad = (~torch.isfinite(norms.squeeze(1)) | (norms.squeeze(1) == 0)).nonzero().flatten()
-    if len(bad):
-        raise ValueError(f"rows {bad[:20].tolist()} of the embeddings are zero or not finite; "
-                         "cosine similarity is undefined for them")
-    scale = float(math.floor(4095 - math.sqrt(m.shape[1]) / 2))
-    codes = m / norms  # one (N, d) copy; the rest in place
-    return codes.mul_(scale).round_(), scale
+    if m.dtype == torch.float64:
+        return m
+    return m.float() if m.dtype in (torch.float32, torch.float16, torch.bfloat16) else m.double()
+
+
+def _pairwise_sum(x: torch.Tensor) -> torch.Tensor:
+    """Float64 sum over the last dimension in a fixed pairwise order (element t with t + h, h the
+    largest power of two below d, then halving), with elementwise operations only: the result
+    does not depend on the batch shape, the thread count or the device, as a BLAS call or
+    ``sum`` may (they may split or reorder the sum)."""
+    s = x.to(torch.float64, copy=True)
+    d = h = s.shape[-1]
+    if d > 1:
+        h = 1 << ((d - 1).bit_length() - 1)  # largest power of two < d, so d - h <= h
+        s[..., : d - h] += s[..., h:]
+        s = s[..., :h]
+    while h > 1:
+        h //= 2
+        s[..., :h] += s[..., h: 2 * h]
+    return s[..., 0]
+
+
+def lo_bits(d: int) -> int:
+    """Fractional bits of ``lo`` beyond ``hi`` (:func:`split_unit_rows`) for dimension d: the most
+    (at most 25, so that lo is exact in float32) with every partial sum of hi.lo' + lo.hi' exact
+    in float64, i.e. 2^b (2^24 + sqrt(d)/2) sqrt(d) <= 2^52."""
+    b = min(25, math.floor(52 - math.log2((2**HI_BITS + math.sqrt(d) / 2) * math.sqrt(d))))
+    if b < 1:
+        raise ValueError(f"embedding dimension {d} is too large for the exact re-ranking")
+    return b
+
+
+def split_unit_rows(m: torch.Tensor | np.ndarray, chunk_rows: int = 4096) -> torch.Tensor:
+    """The unit rows x = m / |m| (float64) as ``hl = [hi | lo]``, an (N, 2d) float32 tensor.
+
+    ``hi = round(x 2^24) 2^-24`` and ``lo = round((x - hi) 2^(24+b)) 2^-(24+b)`` (b = :func:`lo_bits`)
+    are integers times powers of two, exact in float32, and ``|hi + lo - x| <= 2^-(25+b)`` per
+    entry. Products of such values are exact in float64 and, by Cauchy-Schwarz, every partial
+    sum of ``hi.hi'`` and of ``hi.lo' + lo.hi'`` is an integer multiple of the grid below 2^53:
+    these dot products are computed exactly by any float64 matmul, in any order, on any device.
+    Norms use :func:`_pairwise_sum`. Raises if a row is zero or not finite.
+    """
+    m = _as_embeddings(m)
+    n, d = m.shape
+    b = lo_bits(d)
+    hl = torch.empty(n, 2 * d)
+    for s, c in zip(range(0, n, chunk_rows), m.split(chunk_rows)):
+        c = c.double()
+        norms = _pairwise_sum(c * c).sqrt_()
+        bad = (~torch.isfinite(norms) | (norms == 0)).nonzero().flatten()
+        if len(bad):
+            raise ValueError(f"rows {(bad[:20] + s).tolist()} of the embeddings are zero or not finite; "
+                             "cosine similarity is undefined for them")
+        x = (c / norms[:, None]).mul_(2.0**HI_BITS)  # exact scaling
+        hi = x.round()
+        lo = x.sub_(hi).mul_(2.0**b).round_()  # x - hi is exact
+        hl[s: s + len(c), :d] = hi.mul_(2.0**-HI_BITS)
+        hl[s: s + len(c), d:] = lo.mul_(2.0**-(HI_BITS + b))
+    return hl
+
+
+def search_error_bound(d: int) -> float:
+    """Bound on |float32 search similarity - re-ranking cosine| in dimension d (see :func:`knn`).
+
+    The search multiplies the ``hi`` rows (|hi_t - x_t| <= 2^-25) in float32 in any summation
+    order: |fl32(hi.hi') - hi.hi'| <= gamma_d |hi||hi'|, gamma_d = d u / (1 - d u), u = 2^-24
+    (Higham, Accuracy and Stability of Numerical Algorithms, Sec. 3.1), and |hi.hi' - x.y| <=
+    e (2 + e) with e = sqrt(d) 2^-25. The re-ranking cosine is within ~d 2^-50 of x.y; 1e-10 more
+    covers it with a wide margin.
+    """
+    nu = d * 2.0**-24
+    if nu >= 0.5:
+        raise ValueError(f"embedding dimension {d} is too large for the float32 search bound")
+    e = math.sqrt(d) * 2.0**-25
+    return nu / (1 - nu) * (1 + e) ** 2 + e * (2 + e) + 1e-10
 
 
 @contextlib.contextmanager
 def _exact_float32_matmul():
-    """Full-precision float32 matmuls (no TF32 / bf16 shortcuts) inside the block."""
+    """Full-precision float32 matmuls (no TF32 / bf16 shortcuts), so that the bound holds."""
     prev = torch.get_float32_matmul_precision()
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.set_float32_matmul_precision("highest")
@@ -96,40 +158,39 @@ def _exact_float32_matmul():
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
 
 
-def _canonical_order(v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reorder each row by (value descending, index ascending)."""
-    o = torch.argsort(i, dim=1)
-    v, i = v.gather(1, o), i.gather(1, o)
-    o = torch.sort(v, dim=1, descending=True, stable=True).indices
-    return v.gather(1, o), i.gather(1, o)
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """torch CPU operations on ``n`` threads inside the block (threads started in it too), then
+    the previous setting again."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def auto_block_size(n: int, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> int:
-    """Side of the square similarity blocks so that one block and its transposed copy
-    (2 * B * B float32) fit the budget."""
-    return max(1, min(n, math.isqrt(max_block_bytes // 8)))
+    """Rows per block so that one (rows, N) float32 similarity block fits the budget."""
+    return max(1, min(n, max_block_bytes // (4 * n)))
 
 
-def _block_topk(sim: torch.Tensor, k: int, col0: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-min(k, C) of each row of a (R, C) similarity block, in the order (value desc,
-    index asc); indices are offset by ``col0`` (the block's first column)."""
-    kk = min(k + 1, sim.shape[1])  # one extra column tells whether a tie crosses the cut at k
-    v, i = _canonical_order(*sim.topk(kk, dim=1, sorted=True))
-    if kk > k:
-        # rows whose k-th value ties with the (k+1)-th: topk may have cut the tie anywhere,
-        # so take every column >= the k-th value and keep the lowest indices
-        for r in (v[:, k] == v[:, k - 1]).nonzero().flatten().tolist():
-            cand = (sim[r] >= v[r, k - 1]).nonzero().flatten()  # ascending index
-            order = torch.sort(sim[r, cand], descending=True, stable=True).indices[:k]
-            v[r, :k], i[r, :k] = sim[r, cand[order]], cand[order]
-        v, i = v[:, :k], i[:, :k]
-    return v, i + col0
+def _exact_cosines(hl: torch.Tensor, row: int, cand: torch.Tensor) -> torch.Tensor:
+    """(C,) float64 cosines of row ``row`` with rows ``cand``: fl(hi.hi' + (hi.lo' + lo.hi')), both
+    dot products exact (:func:`split_unit_rows`), so the result is the same bits on any BLAS."""
+    d = hl.shape[1] // 2
+    r = hl[row].double()
+    w = torch.stack([torch.cat([r[:d], torch.zeros_like(r[:d])]), torch.cat([r[d:], r[:d]])], dim=1)  # (2d, 2)
+    s = hl.index_select(0, cand).double() @ w  # (C, 2): hi.hi', hi.lo' + lo.hi'
+    return s[:, 0] + s[:, 1]
 
 
-def _merge(v1: torch.Tensor, i1: torch.Tensor, v2: torch.Tensor, i2: torch.Tensor, k: int):
-    """Top k of the union of two candidate lists per row (exact: the order is a strict total order)."""
-    v, i = _canonical_order(torch.cat([v1, v2], dim=1), torch.cat([i1, i2], dim=1))
-    return v[:, :k], i[:, :k]
+def _top_k(cos: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k of each row of (R, C) candidates in the order (cosine descending, index ascending)."""
+    cand, o = cand.sort(dim=1)  # index ascending, then a stable sort by cosine
+    cos = cos.gather(1, o)
+    o = torch.sort(cos, dim=1, descending=True, stable=True).indices[:, :k]
+    return cos.gather(1, o), cand.gather(1, o)
 
 
 def knn(m: torch.Tensor | np.ndarray, k: int, *, block_size: int | None = None,
@@ -137,62 +198,108 @@ def knn(m: torch.Tensor | np.ndarray, k: int, *, block_size: int | None = None,
         progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest other rows of every row of ``m`` by cosine similarity, blockwise.
 
-    The similarity matrix is symmetric, so only its upper-triangle blocks are computed (half
-    the float32 matmul work); each block gives candidates to its rows and, transposed, to its
-    columns, and every row keeps a running exact top-k. Memory: O(block_size^2 + N * k), never
-    the N x N matrix.
+    The unit rows are split into float32 ``hi + lo`` (:func:`split_unit_rows`), then per block
+    of rows, never the N x N matrix (memory O(block_size * N + N * k)):
+
+    1. Candidates: float32 similarities ``hi.hi'`` of the block to all N rows (one matmul) and
+       their top ``k + margin``. These are within ``e`` = :func:`search_error_bound` of the
+       cosines of step 2, so every true top-k neighbour of a row has a similarity >= (the
+       row's k-th similarity) - 2e. A row whose window reaches past the kept candidates (many
+       near-ties) takes every column above that floor.
+    2. Re-ranking: the cosines of each row with its candidates, ``fl(hi.hi' + (hi.lo' +
+       lo.hi'))`` with both dot products exact in float64 (within ~d 2^-50, ~1e-12 for d =
+       1024, of the float64 cosine), sorted by cosine descending, ties by the lower index.
+
+    The result is the exact top k under these cosines, the same bits for every block size,
+    thread count and device: the float32 pass only chooses a superset of the neighbours.
 
     Args:
         m: (N, d) embeddings (any norm; rows are normalised).
         k: neighbours per row, 1 <= k <= N-1. A row is never its own neighbour.
-        block_size: side of the square similarity blocks (default: from ``max_block_bytes``).
-        max_block_bytes: memory budget of one block + its transposed copy (default 512 MiB).
-        device: where the matmuls run (default CPU); results come back on CPU.
+        block_size: rows per similarity block (default: from ``max_block_bytes``).
+        max_block_bytes: memory budget of one (block_size, N) float32 block (default 512 MiB).
+        device: where the search runs (default CPU); results come back on CPU.
         progress: tqdm bar over blocks.
 
     Returns:
         ``(sims, idx)``: (N, k) float64 cosines and (N, k) int64 indices, each row sorted by
-        similarity descending, ties by lower index (identical to :func:`knn_reference`).
+        cosine descending, ties by the lower index.
     """
-    codes, scale = integer_codes(m)
-    n = codes.shape[0]
+    hl = split_unit_rows(m)
+    n, d = hl.shape[0], hl.shape[1] // 2
     if not 1 <= k <= n - 1:
         raise ValueError(f"k must be in [1, N-1] = [1, {n - 1}], got {k}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    codes = codes.to(dev)
-    size = block_size or auto_block_size(n, max_block_bytes)
-    starts = list(range(0, n, size))
-    pairs = [(a, b) for j, a in enumerate(starts) for b in starts[j:]]  # upper-triangle blocks
-    best_v = torch.full((n, k), float("-inf"), device=dev)  # running top-k per row
-    best_i = torch.full((n, k), n, dtype=torch.int64, device=dev)
+    hl = hl.to(dev)
+    hi = hl[:, :d]  # (N, d) view
+    margin = 2 * search_error_bound(d)
+    kc = min(n - 1, k + max(8, k // 16))  # candidates kept per row; more only for wide windows
+    rows = block_size or auto_block_size(n, max_block_bytes)
+    cand = torch.empty(n, kc, dtype=torch.int64, device=dev)
+    wide: dict[int, torch.Tensor] = {}  # rows whose window reaches past kc: every column above the floor
+    buf = torch.empty(min(rows, n), n, device=dev)
     with _exact_float32_matmul(), torch.no_grad():
-        for a, b in tqdm(pairs, desc="Nearest neighbours", unit="block", disable=not progress):
-            ea, eb = min(n, a + size), min(n, b + size)
-            sim = codes[a:ea] @ codes[b:eb].T  # (Ba, Bb) exact integer dot products
-            if a == b:
-                sim.fill_diagonal_(float("-inf"))  # never its own neighbour
-            v, i = _block_topk(sim, k, b)
-            best_v[a:ea], best_i[a:ea] = _merge(best_v[a:ea], best_i[a:ea], v, i, k)
-            if a != b:  # the same block, seen from its columns
-                v, i = _block_topk(sim.T.contiguous(), k, a)
-                best_v[b:eb], best_i[b:eb] = _merge(best_v[b:eb], best_i[b:eb], v, i, k)
-    return best_v.cpu().double() / scale**2, best_i.cpu()
+        # 1. candidates: float32 similarities of a block of rows to all rows
+        for a in tqdm(range(0, n, rows), desc="Nearest neighbours", unit="block", disable=not progress):
+            e = min(n, a + rows)
+            sim = torch.matmul(hi[a:e], hi.T, out=buf[: e - a])  # (R, N) float32
+            r = torch.arange(e - a, device=dev)
+            sim[r, r + a] = float("-inf")  # never its own neighbour
+            v, cand[a:e] = sim.topk(kc, dim=1)  # (R, kc), descending
+            if kc < n - 1:
+                floor = v[:, k - 1] - margin  # every true top-k neighbour has sim >= floor
+                for q in (v[:, -1] >= floor).nonzero().flatten().tolist():
+                    wide[a + q] = (sim[q] >= floor[q]).nonzero().flatten()
+        del buf, sim
+    # 2. exact cosines of each row with its candidates: many small operations, so one thread
+    # each (more would mostly wait on each other) and rows spread over a pool of threads
+    sims = torch.empty(n, k, dtype=torch.float64)
+    idx = torch.empty(n, k, dtype=torch.int64)
+    workers = torch.get_num_threads() if dev.type == "cpu" else 1
+    step = 512
+    with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+        jobs = [pool.submit(_rerank_rows, hl, cand, wide, k, a, min(n, a + step), sims, idx) for a in range(0, n, step)]
+        for job in tqdm(jobs, desc="Exact re-ranking", unit="rows", unit_scale=step, disable=not progress):
+            job.result()
+    return sims, idx
+
+
+def _rerank_rows(hl: torch.Tensor, cand: torch.Tensor, wide: dict[int, torch.Tensor], k: int, a: int, e: int,
+                 sims: torch.Tensor, idx: torch.Tensor) -> None:
+    """Step 2 of :func:`knn` for rows a..e-1: writes their top k into ``sims`` and ``idx``."""
+    kc = cand.shape[1]
+    cos = torch.empty(e - a, kc, dtype=torch.float64, device=hl.device)
+    narrow = torch.ones(e - a, dtype=torch.bool)
+    for q in range(a, e):
+        if q in wide:
+            c = wide[q]
+            cq = torch.cat([_exact_cosines(hl, q, part) for part in c.split(4 * kc)])
+            vq, iq = _top_k(cq[None], c[None], k)
+            sims[q], idx[q], narrow[q - a] = vq[0].cpu(), iq[0].cpu(), False
+        else:
+            cos[q - a] = _exact_cosines(hl, q, cand[q])
+    keep = narrow.to(hl.device)
+    v, i = _top_k(cos[keep], cand[a:e][keep], k)
+    sims[a:e][narrow], idx[a:e][narrow] = v.cpu(), i.cpu()
 
 
 def knn_reference(m: torch.Tensor | np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Naive reference for :func:`knn`: the full N x N similarity matrix and a stable sort per row.
+    """Naive reference for :func:`knn`: the full N x N float64 cosine matrix (one matmul of the
+    float64 unit rows) and a stable sort per row (ties by the lower index).
 
-    O(N^2) memory: for tests and benchmarks only.
+    Its cosines differ from :func:`knn`'s by float64 rounding and the ~d 2^-50 of the split
+    (~1e-12 for d = 1024), so the two agree on the neighbours wherever no two cosines of a row
+    are closer than that. O(N^2) memory: for tests and benchmarks only.
     """
-    codes, scale = integer_codes(m)
-    n = codes.shape[0]
+    m = _as_embeddings(m).double()
+    n = m.shape[0]
     if not 1 <= k <= n - 1:
         raise ValueError(f"k must be in [1, N-1] = [1, {n - 1}], got {k}")
-    with _exact_float32_matmul(), torch.no_grad():
-        sim = codes @ codes.T  # (N, N)
+    x = m / torch.linalg.vector_norm(m, dim=1, keepdim=True)
+    sim = x @ x.T  # (N, N)
     sim.fill_diagonal_(float("-inf"))
     v, i = torch.sort(sim, dim=1, descending=True, stable=True)
-    return v[:, :k].double() / scale**2, i[:, :k].clone()
+    return v[:, :k].clone(), i[:, :k].clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +314,7 @@ def bags_from_knn(sims: torch.Tensor, idx: torch.Tensor, bag_size: int) -> tuple
         raise ValueError(f"need >= {bag_size - 1} neighbours per row for bags of {bag_size}, got {idx.shape[1]}")
     n = idx.shape[0]
     bags = torch.cat([torch.arange(n, dtype=torch.int64)[:, None], idx[:, : bag_size - 1]], dim=1)
-    alpha = sims[:, : bag_size - 1].double().mean(dim=1)
+    alpha = _pairwise_sum(sims[:, : bag_size - 1]) / (bag_size - 1)  # fixed order: same bits everywhere
     return bags, alpha
 
 
@@ -596,12 +703,19 @@ def _cmd_training_bags(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+TRUEMATCH_SIZES = [3, 5, 7]  # the paper's TrueMatch bag sizes (Sec. 3.1)
+# BagCurri's sizes (App. B.3, Table 10): the authors' egg/zoo/emergent_captioner/finetuning/configs/sr.yml
+# (commit 3db9c82), neg_mining.curricullum {3: 2, 8: 3, 10: 5, 12: 7, 14: 10, 17: 15, 20: 20}
+TRAINING_SIZES = [2, 3, 5, 7, 10, 15, 20]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m datasets_scripts.truematch``."""
     p = argparse.ArgumentParser(prog="python -m datasets_scripts.truematch",
                                 description="Mine TrueMatch bags (NDLB Alg. 1 + 2) and SR training bags (App. B.2).")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(sp, split: str):
+    def common(sp, split: str, sizes: list[int]):
         sp.add_argument("--dataset", required=True, help="COCO dataset folder (datasets_scripts.coco) or Hub id")
         sp.add_argument("--split", default=split, help=f"split(s) to mine, '+'-joined in this order (default {split})")
         sp.add_argument("--judge", default="openai/clip-vit-base-patch32",
@@ -609,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--captions-column", default="captions",
                         help="list-of-captions column to embed (e.g. HolisticCap captions, as the paper)")
         sp.add_argument("--embeddings", help="precomputed (N, D) .npy multimodal embeddings instead of --judge")
-        sp.add_argument("--sizes", type=int, nargs="+", default=[3, 5, 7], help="bag sizes (default 3 5 7)")
+        sp.add_argument("--sizes", type=int, nargs="+", default=list(sizes),
+                        help=f"bag sizes (default {' '.join(map(str, sizes))})")
         sp.add_argument("--out", required=True, help="output folder")
         sp.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available for the judge, "
                         "cpu for the search)")
@@ -618,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--cache-dir", help="embedding cache (default OUT/.cache); reruns reuse finished chunks")
 
     b = sub.add_parser("build", help="TrueMatch folder: curated bags per size (parquet + card + {s}.json)")
-    common(b, "test+val")
+    common(b, "test+val", TRUEMATCH_SIZES)
     b.add_argument("--min-alpha", type=float, default=None, help="keep only curated bags with alpha >= this")
     b.add_argument("--max-bags", type=int, default=None, help="keep at most this many curated bags per size")
     b.add_argument("--no-embed-images", action="store_true", help="store image paths instead of bytes")
@@ -626,13 +741,17 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=_cmd_build)
 
     t = sub.add_parser("training-bags", help="disjoint hard training bags (contract 3 JSON per size)")
-    common(t, "train")
+    common(t, "train", TRAINING_SIZES)
     t.add_argument("--top-k", type=int, default=200, help="neighbours considered per query (paper: 200)")
     t.add_argument("--seed", type=int, default=0, help="query order (use one seed per epoch)")
     t.add_argument("--leftover", choices=["random", "drop"], default="random",
                    help="images not placed in a hard bag: random bags (default) or sit out the epoch")
     t.set_defaults(func=_cmd_training_bags)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if min(args.sizes) < 2:
@@ -644,9 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["bag_features", "bags_from_knn", "candidate_bags", "curate", "integer_codes", "knn", "knn_reference",
-           "main", "multimodal_embeddings", "read_authors_bags", "render_card", "training_bags",
-           "training_bags_from_knn", "write_bags_parquet", "write_json_atomic", "write_truematch"]
+__all__ = ["bag_features", "bags_from_knn", "build_parser", "candidate_bags", "curate", "knn",
+           "knn_reference", "lo_bits", "main", "multimodal_embeddings", "read_authors_bags", "render_card",
+           "search_error_bound", "split_unit_rows", "training_bags", "training_bags_from_knn",
+           "write_bags_parquet", "write_json_atomic", "write_truematch"]
 
 if __name__ == "__main__":
     sys.exit(main())
