@@ -628,6 +628,10 @@ def read_authors_bags(path: str | os.PathLike) -> list[list[int]]:
         bags = json.load(f)
     if not isinstance(bags, list) or not all(isinstance(b, list) and all(isinstance(c, int) for c in b) for b in bags):
         raise ValueError(f"{path}: expected a JSON list of bags, each a list of integer COCO ids")
+    for k, bag in enumerate(bags):
+        if len(set(bag)) != len(bag):
+            raise ValueError(f"{path}: bag {k} {bag} holds an image id more than once; every image of a bag must be "
+                             "distinct")
     return bags
 
 

@@ -424,3 +424,14 @@ def test_help(capsys):
         with pytest.raises(SystemExit) as e:
             tm.main([sub, "--help"])
         assert e.value.code == 0 and "--sizes" in capsys.readouterr().out
+
+
+def test_authors_bag_file_with_a_repeated_image_is_an_error(tmp_path):
+    from datasets_scripts.truematch import read_authors_bags
+
+    good, bad = tmp_path / "3.json", tmp_path / "3bad.json"
+    good.write_text("[[1, 2, 3], [4, 5, 6]]")
+    bad.write_text("[[1, 2, 3], [4, 5, 4]]")
+    assert read_authors_bags(good) == [[1, 2, 3], [4, 5, 6]]
+    with pytest.raises(ValueError, match=r"3bad.json: bag 1 \[4, 5, 4\] holds an image id more than once"):
+        read_authors_bags(bad)
