@@ -21,7 +21,6 @@ Prints the ratios and writes benchmarks/results/generate.json (or `--output`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import write_results  # noqa: E402
 
 from modeling_clipcap import ClipCapConfig, ClipCapForCaptioning  # noqa: E402
 
@@ -159,10 +160,7 @@ def main(argv=None) -> dict:
                                                  "token_agreement_vs_fp32": agreement(static_ids, fp32_tokens["greedy"])}
             print(f"greedy static {label}: first call {warm_s:.2f} s, then {static_s:.2f} s | "
                   f"x{dynamic_s / static_s:4.2f} vs the dynamic cache")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.output}")
-    return results
+    return write_results(args.output, results)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import write_results  # noqa: E402
+
 BASELINE_REV = "4846442"  # the last revision with the 12-bit integer-code search
 
 
@@ -206,10 +208,7 @@ def main(argv=None) -> dict:
                          "torch": torch.__version__, "loadavg_before": [round(x, 2) for x in load_before],
                          "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                          "note": "other processes may have been running; see the load averages"}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.output}")
-    return results
+    return write_results(args.output, results)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import write_results  # noqa: E402
+
 
 def real_size_parts(seed: int = 0, judge_dtype: str | None = None, device: str = "cpu"):
     """(captioner, processor, judge) with random weights at real size, built offline."""
@@ -296,10 +298,7 @@ def main(argv=None) -> dict:
         if variant in results:
             print(f"{variant:>26}: total {results[variant]['total_s']:7.2f} s, "
                   f"peak RSS {results[variant]['peak_rss_mb']:7.0f} MB")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.output}")
-    return results
+    return write_results(args.output, results)
 
 
 if __name__ == "__main__":

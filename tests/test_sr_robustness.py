@@ -17,17 +17,12 @@ import pytest
 import torch
 
 from tests import tiny
-from trainers import SRConfig, SRTrainer, last_complete_checkpoint, sr_lora_config
+from trainers import SRTrainer, last_complete_checkpoint, sr_lora_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config(tmp_path, **kw):
-    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=6, learning_rate=1e-3,
-                    report_to="none", logging_steps=1, save_strategy="no", use_cpu=True, max_new_tokens=6,
-                    bag_schedule="rand", eval_num_beams=1, seed=0, data_seed=0)
-    defaults.update(kw)
-    return SRConfig(**defaults)
+config = tiny.sr_config
 
 
 @pytest.fixture(scope="module")

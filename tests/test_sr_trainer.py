@@ -17,7 +17,6 @@ from trainers import (
     LeaveOneOutBaseline,
     MeanBaseline,
     SelfRetrievalReward,
-    SRConfig,
     SRTrainer,
     completion_mask,
     parse_bag_schedule,
@@ -41,12 +40,7 @@ def bags_of(size, n=N_IMAGES):
     return [list(range(i, i + size)) for i in range(0, n - n % size, size)]
 
 
-def sr_config(tmp_path, **kw):
-    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=6, learning_rate=1e-3,
-                    report_to="none", logging_steps=1, save_strategy="no", use_cpu=True, max_new_tokens=6,
-                    bag_schedule="rand", eval_num_beams=1, seed=0, data_seed=0)
-    defaults.update(kw)
-    return SRConfig(**defaults)
+sr_config = tiny.sr_config
 
 
 # -- rewards -----------------------------------------------------------------------------------

@@ -135,6 +135,18 @@ def save_tiny_clipcap(out_dir: str | Path, tokenizer=None, seed: int = 0, **kw) 
     return Path(out_dir)
 
 
+def sr_config(tmp_path, **overrides):
+    """An SRConfig for tiny CPU runs: batches of 6, 6-token captions, random distractors, greedy
+    evaluation, no saving or reporting, seeded; `overrides` replace any field."""
+    from trainers import SRConfig
+
+    settings = dict(output_dir=str(Path(tmp_path) / "out"), per_device_train_batch_size=6, learning_rate=1e-3,
+                    report_to="none", logging_steps=1, save_strategy="no", use_cpu=True, max_new_tokens=6,
+                    bag_schedule="rand", eval_num_beams=1, seed=0, data_seed=0)
+    settings.update(overrides)
+    return SRConfig(**settings)
+
+
 def caption_dataset(n: int = 24, seed: int = 0, first_id: int = 1000, image_size: int = 40):
     """A COCO-format `datasets.Dataset` (cocoid, image, captions) of n random images, 2 captions each."""
     import datasets
