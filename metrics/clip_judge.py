@@ -328,6 +328,31 @@ class _TransformersBackend:
         return _pooled(self.model.get_image_features(pixel_values=pixel_values.to(dtype)))
 
 
+class _OpenAIClipTransform:
+    """OpenAI CLIP's own eval transform (``clip/clip.py`` ``_transform``, what the paper's judge
+    saw): torchvision ``Resize`` (bicubic, short side, on the PIL image), ``CenterCrop`` (offset
+    rounded; transformers' CLIP image processor rounds it down, so a 640x427 image is cropped at
+    column 55 instead of 56), RGB, ``ToTensor``, normalise; sizes, mean and std from a transformers
+    CLIP image processor. Called like that processor."""
+
+    def __init__(self, image_processor):
+        from torchvision import transforms as T
+
+        size, crop = image_processor.size, image_processor.crop_size  # dicts or SizeDicts
+        short, height, width = size.get("shortest_edge"), crop.get("height"), crop.get("width")
+        if short is None:
+            raise ValueError(f"OpenAI preprocessing needs an image processor that resizes the short side, got "
+                             f"size={size!r}")
+        self.transform = T.Compose([
+            T.Resize(short, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop((height, width)),
+            lambda image: image.convert("RGB"), T.ToTensor(),
+            T.Normalize(list(image_processor.image_mean), list(image_processor.image_std)),
+        ])
+
+    def __call__(self, images: list, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([self.transform(image) for image in images])}
+
+
 class _OpenClipBackend:
     """Any open_clip model (``encode_text`` / ``encode_image``) with its tokenizer and transform."""
 
@@ -544,7 +569,8 @@ class ClipJudge:
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_JUDGE, *, backend: str = "auto",
                         pretrained: str | None = None, device: str | None = None, batch_size: int = 64,
-                        cache_dir: str | None = None, dtype: str | torch.dtype | None = None) -> "ClipJudge":
+                        cache_dir: str | None = None, dtype: str | torch.dtype | None = None,
+                        openai_preprocessing: bool | None = None) -> "ClipJudge":
         """Load a judge by name.
 
         Args:
@@ -562,6 +588,10 @@ class ClipJudge:
             cache_dir: folder for the on-disk image-embedding cache (None = no cache).
             dtype: weights dtype: None/``"float32"``, ``"bfloat16"``, or ``"auto"`` (bf16 where the
                 device has it, see :func:`resolve_dtype`). Embeddings are returned in float32.
+            openai_preprocessing: transformers judges only: preprocess images with OpenAI CLIP's own
+                transform (pixel values equal to ``clip.load(...)[1]``'s, see
+                :class:`_OpenAIClipTransform`) instead of the checkpoint's image processor.
+                ``None`` = for the ``openai/clip-*`` Hub checkpoints.
         """
         if backend not in ("auto", "transformers", "open_clip"):
             raise ValueError(f"backend must be 'auto', 'transformers' or 'open_clip', got {backend!r}")
@@ -578,6 +608,11 @@ class ClipJudge:
             model = AutoModel.from_pretrained(name_or_path)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+            if openai_preprocessing is None:
+                openai_preprocessing = str(name_or_path).startswith("openai/clip-")
+            if openai_preprocessing:  # other pixels than the processor's: other cached embeddings
+                image_processor = _OpenAIClipTransform(image_processor)
+                kw["cache_key"] = kw.get("cache_key", str(name_or_path)) + "|openai-transform"
             return cls.from_transformers(model, tokenizer, image_processor, name=str(name_or_path), **kw)
 
         import open_clip

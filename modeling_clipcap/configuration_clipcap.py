@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import CLIPVisionConfig, GPT2Config, PreTrainedConfig
 
 MAPPING_TYPES = ("mlp", "transformer")
+LENGTH_NORMALIZATIONS = ("generated", "with_prefix")
 
 
 class ClipCapConfig(PreTrainedConfig):
@@ -47,6 +48,13 @@ class ClipCapConfig(PreTrainedConfig):
             Token ids that end a caption once generated (every token whose string contains ".", as
             in the authors' `StopTokenLogitsProcessor`). Used, with the eos token, as the
             generation `eos_token_id`.
+        length_normalization (`str`, *optional*, defaults to `"generated"`):
+            How beam search ranks finished captions. `"generated"`: sum of log-probs / generated tokens
+            (the stop token included), as transformers >= 4.36 does. `"with_prefix"`: as the authors'
+            release ran under the transformers 4.29 it pins: sum of log-probs / (`prefix_length` +
+            caption tokens), with the stop rule applied as their `StopTokenLogitsProcessor` does (after
+            a stop token only the end-of-text token may follow, at log-prob 0). `convert_ndlb` sets it;
+            `generate(length_normalization=...)` overrides it per call.
 
     Example:
 
@@ -72,12 +80,16 @@ class ClipCapConfig(PreTrainedConfig):
     lm_head_bias: bool = False
     freeze_vision: bool = True
     stop_token_ids: list[int] | None = None
+    length_normalization: str = "generated"
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.mapping_type not in MAPPING_TYPES:
             raise ValueError(f"mapping_type must be one of {MAPPING_TYPES}, got {self.mapping_type!r}.")
+        if self.length_normalization not in LENGTH_NORMALIZATIONS:
+            raise ValueError(f"length_normalization must be one of {LENGTH_NORMALIZATIONS}, got "
+                             f"{self.length_normalization!r}.")
         if self.clip_embed_dim is None:
             self.clip_embed_dim = self.vision_config.projection_dim
         if self.mapper_hidden_size is None:
@@ -86,4 +98,4 @@ class ClipCapConfig(PreTrainedConfig):
             self.stop_token_ids = []
 
 
-__all__ = ["ClipCapConfig"]
+__all__ = ["LENGTH_NORMALIZATIONS", "MAPPING_TYPES", "ClipCapConfig"]

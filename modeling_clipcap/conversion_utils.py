@@ -11,7 +11,8 @@ Mokady et al., 2021 with its MLP or transformer mapper). The helpers here
   inferring every size from the tensors' shapes (attention heads, which shapes do not show, follow
   the 64-wide-head convention of OpenAI CLIP and GPT-2 unless given),
 - fill a model, checking that every target parameter was filled with a tensor of the right shape,
-- build the processor files and save the result atomically.
+- build the processor files as the source decoded and preprocessed (OpenAI CLIP's own image
+  transform, transformers 4.x's clean-up of tokenisation spaces) and save the result atomically.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .processing_clipcap import ClipCapProcessor
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
@@ -39,6 +42,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Buffers older transformers versions saved in every GPT-2 block (causal mask and its fill value).
 GPT2_OLD_BUFFERS = ("attn.bias", "attn.masked_bias")
+# transformers 4.x cleaned up tokenisation spaces when decoding ("a dog , ." -> "a dog, ."; the
+# authors' release decodes with clean_up_tokenization_spaces=True, ClipCap with 4.x's default);
+# transformers 5 skips it for BPE tokenizers unless told to. Converted tokenizers keep the old text.
+LEGACY_DECODING = {"clean_up_tokenization_spaces": True,
+                   "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output": True}
 
 
 class ConversionError(ValueError):
@@ -410,11 +418,19 @@ def build_image_processor(image_size: int) -> CLIPImageProcessor:
     )
 
 
+def build_processor(image_size: int, tokenizer) -> ClipCapProcessor:
+    """The processor saved with a converted checkpoint: OpenAI CLIP's own image transform (pixel
+    values equal to `clip.load(...)[1]`'s, as the authors' release and ClipCap preprocessed) and
+    the tokenizer (from [`load_tokenizer`], so decoding cleans up tokenisation spaces as 4.x did)."""
+    return ClipCapProcessor(build_image_processor(image_size), tokenizer, openai_clip_transform=True)
+
+
 def load_tokenizer(name_or_path: str):
+    """A GPT-2 tokenizer that decodes as transformers 4.x did ([`LEGACY_DECODING`])."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, **LEGACY_DECODING)
     except Exception as err:  # OSError / ValueError / hub errors: report which tokenizer failed
         raise ConversionError(f"Could not load the tokenizer {name_or_path!r} ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}). Pass --tokenizer with a GPT-2 "
@@ -492,11 +508,13 @@ def run_cli(convert: Callable[[argparse.Namespace], Path], args: argparse.Namesp
 
 
 __all__ = [
+    "LEGACY_DECODING",
     "ConversionError",
     "SourceTensors",
     "add_common_arguments",
     "attention_heads",
     "build_image_processor",
+    "build_processor",
     "check_out_dir",
     "convert_gpt2",
     "convert_mapper",

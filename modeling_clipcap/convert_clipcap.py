@@ -10,6 +10,11 @@ hold no CLIP weights: ClipCap ran CLIP separately, so the vision tower and proje
 `--clip` (a transformers CLIP checkpoint, by default `openai/clip-vit-base-patch32`, the ViT-B/32
 that ClipCap's COCO/Conceptual weights were trained on).
 
+The converted model keeps ClipCap's own decoding rules (`predict.py` `generate2`/`generate_beam`):
+a caption ends at the exact "." token (not at any token containing ".", nor at end-of-text, which
+ClipCap never trained on) or after 67 tokens; the processor preprocesses with OpenAI CLIP's own
+transform (`clip.load`) and decodes with 4.x's clean-up of tokenisation spaces.
+
 Usage::
 
     python -m modeling_clipcap.convert_clipcap coco_weights.pt clipcap-coco
@@ -32,7 +37,7 @@ from .conversion_utils import (
     ConversionError,
     SourceTensors,
     add_common_arguments,
-    build_image_processor,
+    build_processor,
     check_out_dir,
     convert_gpt2,
     convert_mapper,
@@ -46,12 +51,22 @@ from .conversion_utils import (
     text_config_tokens,
 )
 from .modeling_clipcap import ClipCapForCaptioning
-from .processing_clipcap import ClipCapProcessor, caption_stop_token_ids
 
 logger = logging.getLogger(__name__)
 
 GPT_PREFIX, MAPPER_PREFIX = "gpt.", "clip_project."
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+# ClipCap's `generate2` / `generate_beam` (predict.py): stop at this token, at most this many tokens.
+CLIPCAP_STOP_TOKEN, CLIPCAP_ENTRY_LENGTH = ".", 67
+
+
+def clipcap_stop_token_ids(tokenizer) -> list[int]:
+    """ClipCap's stop rule: the id of the exact "." token (`tokenizer.encode(stop_token)[0]`)."""
+    ids = tokenizer.encode(CLIPCAP_STOP_TOKEN, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ConversionError(f"The tokenizer encodes {CLIPCAP_STOP_TOKEN!r} as {ids}, not one token; ClipCap's stop "
+                              "rule needs a GPT-2 tokenizer (--tokenizer).")
+    return ids
 
 
 def load_clip_vision(name_or_path: str) -> CLIPVisionModelWithProjection:
@@ -113,11 +128,14 @@ def convert_clipcap_state_dict(
                               "checkpoint was trained with (ViT-B/32: 512-d).")
 
     text_kwargs.update(text_config_tokens(tokenizer, text_kwargs["vocab_size"], origin))
-    config = ClipCapConfig(vision_config=vision_config.to_dict(), text_config=text_kwargs,
-                           stop_token_ids=caption_stop_token_ids(tokenizer), **mapper_kwargs)
+    stop_ids = clipcap_stop_token_ids(tokenizer)
+    config = ClipCapConfig(vision_config=vision_config.to_dict(), text_config=text_kwargs, stop_token_ids=stop_ids,
+                           **mapper_kwargs)
     model = ClipCapForCaptioning(config)
     tensors = {**prefixed("vision_model.", vision.state_dict()), **prefixed("language_model.", gpt), **mapper}
     fill_model(model, tensors, origin)
+    model.generation_config.eos_token_id = stop_ids  # ClipCap does not stop at end-of-text
+    model.generation_config.max_new_tokens = CLIPCAP_ENTRY_LENGTH
     logger.info("%s: %s; vocabulary %d, prefix %d, %s mapper, CLIP %dpx/%d.", origin, src.summary(),
                 text_kwargs["vocab_size"], config.prefix_length, config.mapping_type, vision_config.image_size,
                 vision_config.patch_size)
@@ -148,7 +166,7 @@ def convert_clipcap(
     vision = load_clip_vision(clip)
     model = convert_clipcap_state_dict(state_dict, vision, tok, text_heads, mapper_heads, origin=str(weights))
     model.to(DTYPES[dtype])
-    processor = ClipCapProcessor(build_image_processor(model.config.vision_config.image_size), tok)
+    processor = build_processor(model.config.vision_config.image_size, tok)
     return save_converted(model, processor, out_dir, overwrite)
 
 
@@ -173,7 +191,16 @@ def main(argv: list[str] | None = None) -> int:
                                              a.mapper_heads, a.overwrite), args)
 
 
-__all__ = ["check_layout", "convert_clipcap", "convert_clipcap_state_dict", "load_clip_vision", "main"]
+__all__ = [
+    "CLIPCAP_ENTRY_LENGTH",
+    "CLIPCAP_STOP_TOKEN",
+    "check_layout",
+    "clipcap_stop_token_ids",
+    "convert_clipcap",
+    "convert_clipcap_state_dict",
+    "load_clip_vision",
+    "main",
+]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -17,6 +17,12 @@ GPT-2; code: github.com/manugaurdl/nldb_hf_hosting, `model.py`) is a `huggingfac
   `lm_head.weight` may be absent (tied; safetensors keeps one name per shared tensor).
 - `clipcap.clip_project.model.{0,2}.*`: the MLP mapper.
 
+The converted model decodes as the release did under the transformers 4.29 it pins:
+`length_normalization="with_prefix"` (beam ranking by sum log-prob / (10 prefix positions +
+caption tokens), end-of-text forced after a stop token), OpenAI CLIP's own image transform in the
+processor, and decoded text with tokenisation spaces cleaned up (`clean_up_tokenization_spaces=True`
+in their `batch_decode`). `--length-normalization generated` gives transformers 5's ranking instead.
+
 `ensure_converted(name_or_path)` (used by `inference.py`) passes our own folders/repos through and
 converts a release once into a cache folder.
 
@@ -44,7 +50,7 @@ from .conversion_utils import (
     ConversionError,
     SourceTensors,
     add_common_arguments,
-    build_image_processor,
+    build_processor,
     check_out_dir,
     convert_gpt2,
     convert_mapper,
@@ -58,8 +64,9 @@ from .conversion_utils import (
     save_converted,
     text_config_tokens,
 )
+from .configuration_clipcap import LENGTH_NORMALIZATIONS
 from .modeling_clipcap import ClipCapForCaptioning
-from .processing_clipcap import ClipCapProcessor, caption_stop_token_ids
+from .processing_clipcap import caption_stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +76,9 @@ CLIP_PREFIX, VISION_PREFIX, GPT_PREFIX, MAPPER_PREFIX = "clip.", "clip.visual.",
 RELEASE_CONFIG_KEYS = {"clip_model", "clipcap_path", "official_clipcap_weights", "best_model_path", "train_method"}
 CLIP_TEXT_KEYS = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection",
                   "logit_scale", "input_resolution", "context_length", "vocab_size")
+# Part of `ensure_converted`'s cache key: bump when converted folders change (2: the release's beam
+# ranking, OpenAI CLIP's image transform, 4.x decoded text).
+CONVERTED_FORMAT = 2
 
 
 def real_vocab_size(bias: torch.Tensor, origin: str) -> int:
@@ -106,8 +116,10 @@ def convert_ndlb_state_dict(
     text_heads: int | None = None,
     mapper_heads: int | None = None,
     origin: str = "NDLB checkpoint",
+    length_normalization: str = "with_prefix",
 ) -> ClipCapForCaptioning:
-    """A `ClipCapForCaptioning` (eval mode, float32) holding the weights of the authors' state dict."""
+    """A `ClipCapForCaptioning` (eval mode, float32) holding the weights of the authors' state dict,
+    ranking beams as the release did under transformers 4.29 unless `length_normalization="generated"`."""
     src = SourceTensors(state_dict, origin)
     if not src.keys_with_prefix(VISION_PREFIX) or not src.keys_with_prefix(GPT_PREFIX):
         sample = ", ".join(list(state_dict)[:6])
@@ -135,7 +147,7 @@ def convert_ndlb_state_dict(
     text_kwargs.update(text_config_tokens(tokenizer, vocab, origin))
     config = ClipCapConfig(
         vision_config=vision_config.to_dict(), text_config=text_kwargs, lm_head_bias=bias is not None,
-        stop_token_ids=caption_stop_token_ids(tokenizer), **mapper_kwargs,
+        stop_token_ids=caption_stop_token_ids(tokenizer), length_normalization=length_normalization, **mapper_kwargs,
     )
     model = ClipCapForCaptioning(config)
     tensors = {**prefixed("vision_model.", vision), **prefixed("language_model.", gpt), **mapper}
@@ -187,10 +199,14 @@ def convert_ndlb(
     text_heads: int | None = None,
     mapper_heads: int | None = None,
     overwrite: bool = False,
+    length_normalization: str = "with_prefix",
 ) -> Path:
     """Convert the release at `src` (folder, weights file or Hub repo id) and save the model and
     processor to `out_dir` (loadable with `ClipCapForCaptioning.from_pretrained` /
     `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` / `AutoProcessor`)."""
+    if length_normalization not in LENGTH_NORMALIZATIONS:
+        raise ConversionError(f"length_normalization must be one of {LENGTH_NORMALIZATIONS}, got "
+                              f"{length_normalization!r}.")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     path = resolve_source(str(src))
@@ -198,9 +214,9 @@ def convert_ndlb(
     release_config = read_release_config(weights.parent)
     tok = load_tokenizer(tokenizer)
     model = convert_ndlb_state_dict(load_state_dict(weights), tok, release_config, vision_heads, text_heads,
-                                    mapper_heads, origin=str(weights))
+                                    mapper_heads, origin=str(weights), length_normalization=length_normalization)
     model.to(DTYPES[dtype])
-    processor = ClipCapProcessor(build_image_processor(model.config.vision_config.image_size), tok)
+    processor = build_processor(model.config.vision_config.image_size, tok)
     return save_converted(model, processor, out_dir, overwrite)
 
 
@@ -255,7 +271,9 @@ def ensure_converted(name_or_path: str | Path, cache_dir: str | Path | None = No
         return name
     weights = find_weights_file(path) if path.is_dir() else path
     stat = weights.stat()
-    key = hashlib.sha1(f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    fingerprint = (f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|format {CONVERTED_FORMAT}|"
+                   f"{sorted(convert_kwargs.items())}")
+    key = hashlib.sha1(fingerprint.encode()).hexdigest()[:16]
     out = Path(cache_dir) if cache_dir is not None else converted_cache_dir()
     out = out / key
     if not (out / "config.json").is_file():
@@ -277,6 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder")
     parser.add_argument("--vision-heads", type=int, default=None,
                         help="CLIP vision attention heads (default: width / 64).")
+    parser.add_argument("--length-normalization", choices=LENGTH_NORMALIZATIONS, default="with_prefix",
+                        help="beam ranking of the converted model: with_prefix (default: as the release ran under "
+                             "transformers 4.29, sum log-prob / (prefix + caption tokens)) or generated "
+                             "(transformers 5: / caption tokens).")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -284,7 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_cli(lambda a: convert_ndlb(a.src, a.out_dir, a.tokenizer, a.dtype, a.vision_heads, a.text_heads,
-                                          a.mapper_heads, a.overwrite), args)
+                                          a.mapper_heads, a.overwrite, a.length_normalization), args)
 
 
 __all__ = [

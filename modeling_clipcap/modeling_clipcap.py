@@ -8,9 +8,21 @@ Decoding is the library's own `generate` (greedy, beam search, sampling, KV cach
 processors, stopping criteria): the prefix is handed to it as ``inputs_embeds``. A caption ends
 after the first generated token that contains "." (the authors' stop rule), implemented by
 listing those tokens as extra ``eos_token_id``s in the generation config.
+
+``length_normalization="with_prefix"`` reproduces the beam search of the authors' release, which
+ran under transformers 4.29 (nldb_hf_hosting `requirements.txt`, `model.py`): their stop rule is a
+logits processor (after a stop token only end-of-text may follow), and 4.29 ranks a finished
+hypothesis by its sum of log-probs / (prefix positions + kept tokens) and stops early by comparing
+with the best candidate of the step. The library's beam search is kept; only two of its scoring
+hooks (`_update_finished_beams`, `_check_early_stop_heuristic`) are overridden for that mode.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +32,14 @@ from transformers import (
     GenerationConfig,
     GenerationMixin,
     GPT2LMHeadModel,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
 )
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_clipcap import ClipCapConfig
+from .configuration_clipcap import LENGTH_NORMALIZATIONS, ClipCapConfig
 from .pipeline_clipcap import custom_pipelines_entry
 
 # The Auto classes a saved folder loads with under `trust_remote_code=True`, as written into its
@@ -38,6 +52,46 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_clipcap.ClipCapForCaptioning",
     "AutoProcessor": "processing_clipcap.ClipCapProcessor",
 }
+
+
+class EndAfterStopTokenLogitsProcessor(LogitsProcessor):
+    """After a stop token, only `eos_token_id` may follow, at log-prob 0 (every other token gets the
+    float minimum): the authors' `StopTokenLogitsProcessor` (nldb_hf_hosting `model.py`)."""
+
+    def __init__(self, stop_token_ids: list[int], eos_token_id: int):
+        self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] == 0:  # first step after the prefix
+            return scores
+        after_stop = torch.isin(input_ids[:, -1], self.stop_token_ids.to(input_ids.device))  # (B,)
+        forced = torch.full_like(scores, torch.finfo(scores.dtype).min)
+        forced[:, self.eos_token_id] = 0.0
+        return torch.where(after_stop[:, None], forced, scores)
+
+
+@dataclass
+class PrefixRanking:
+    """What the "with_prefix" beam-scoring hooks need during one `generate` call."""
+
+    prefix_length: int
+    eos_token_ids: torch.Tensor
+    best_candidate: torch.Tensor | None = None  # (B, 1) best accumulated log-prob of the last step
+
+
+_PREFIX_RANKING: ContextVar[PrefixRanking | None] = ContextVar("clipcap_prefix_ranking", default=None)
+
+
+@contextmanager
+def prefix_ranking(prefix_length: int, eos_token_ids: list[int]) -> Iterator[PrefixRanking]:
+    """Rank beams as transformers 4.29 did for the `generate` calls inside this block (this thread
+    or task only)."""
+    token = _PREFIX_RANKING.set(PrefixRanking(prefix_length, torch.tensor(eos_token_ids, dtype=torch.long)))
+    try:
+        yield _PREFIX_RANKING.get()
+    finally:
+        _PREFIX_RANKING.reset(token)
 
 
 class ClipCapMLPMapper(nn.Module):
@@ -313,6 +367,7 @@ class ClipCapForCaptioning(ClipCapPreTrainedModel, GenerationMixin):
         self,
         pixel_values: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        length_normalization: str | None = None,
         **generation_kwargs,
     ) -> torch.LongTensor:
         """Caption a batch of images with the library's decoding.
@@ -321,6 +376,10 @@ class ClipCapForCaptioning(ClipCapPreTrainedModel, GenerationMixin):
         `num_return_sequences`, `max_new_tokens`, `logits_processor`, `stopping_criteria`,
         `generation_config`, `return_dict_in_generate`...). Defaults come from
         `model.generation_config` (5 beams, 40 new tokens, stop after a token containing ".").
+        `length_normalization` (default `config.length_normalization`): `"generated"` or
+        `"with_prefix"` (the authors' release under transformers 4.29: stop tokens force
+        end-of-text, finished beams ranked by sum log-prob / (prefix + caption tokens); see
+        [`ClipCapConfig`]).
         Returns only the caption tokens, (B * num_return_sequences, T), padded with the pad token.
 
         Example:
@@ -334,9 +393,61 @@ class ClipCapForCaptioning(ClipCapPreTrainedModel, GenerationMixin):
         generation_kwargs.pop("input_ids", None)
         generation_kwargs.pop("attention_mask", None)
         generation_kwargs.pop("labels", None)
+        mode = length_normalization or self.config.length_normalization
+        if mode not in LENGTH_NORMALIZATIONS:
+            raise ValueError(f"length_normalization must be one of {LENGTH_NORMALIZATIONS}, got {mode!r}.")
         prefix = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)  # (B, P, D)
         attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        return super().generate(inputs_embeds=prefix, attention_mask=attention_mask, **generation_kwargs)
+        if mode == "generated":
+            return super().generate(inputs_embeds=prefix, attention_mask=attention_mask, **generation_kwargs)
+
+        # "with_prefix": the stop tokens force end-of-text (instead of being eos ids themselves)
+        eos = self.config.text_config.eos_token_id
+        eos_ids = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+        if not eos_ids:
+            raise ValueError('length_normalization="with_prefix" needs text_config.eos_token_id (the token that '
+                             "ends a caption after a stop token).")
+        generation_kwargs.setdefault("eos_token_id", eos_ids)
+        if self.config.stop_token_ids:
+            processors = LogitsProcessorList(generation_kwargs.pop("logits_processor", None) or [])
+            processors.append(EndAfterStopTokenLogitsProcessor(self.config.stop_token_ids, eos_ids[0]))
+            generation_kwargs["logits_processor"] = processors
+        ends = generation_kwargs["eos_token_id"]
+        with prefix_ranking(self.config.prefix_length, ends if isinstance(ends, list) else [ends]):
+            return super().generate(inputs_embeds=prefix, attention_mask=attention_mask, **generation_kwargs)
+
+    # -- beam-scoring hooks of `GenerationMixin._beam_search` ("with_prefix" mode only) ----------
+
+    def _update_finished_beams(self, **kwargs):
+        """transformers 4.29's hypothesis scores for the "with_prefix" mode: a candidate that ends
+        with end-of-text is kept without it and scored sum log-prob / (prefix + kept tokens) ** lp;
+        at the last step the `num_beams` best open beams are finished as well (4.29's `finalize`)."""
+        ranking = _PREFIX_RANKING.get()
+        if ranking is None:
+            return super()._update_finished_beams(**kwargs)
+        sequences = kwargs["topk_running_sequences"]  # (B, K, max_length)
+        cur_len, log_probs = kwargs["cur_len"], kwargs["topk_log_probs"]  # (B, K), best first
+        ranking.best_candidate = log_probs[:, :1].double()  # 4.29 stops early against the best candidate
+        ends = torch.isin(sequences[:, :, cur_len], ranking.eos_token_ids.to(sequences.device))  # (B, K)
+        kept = cur_len - kwargs["decoder_prompt_len"] + (~ends).long()  # 4.29 drops the end-of-text token
+        lengths = (ranking.prefix_length + kept).double() ** kwargs["length_penalty"]
+        hits, top_mask = kwargs["next_token_hits_stopping_criteria"], kwargs["top_num_beam_mask"]
+        if cur_len + 1 >= sequences.shape[-1]:  # max length: the num_beams best open candidates finish too
+            open_rank = (~ends).cumsum(dim=-1) - 1
+            hits = hits & ((ends & top_mask[None, :]) | (~ends & (open_rank < kwargs["num_beams"])))
+            top_mask = torch.ones_like(top_mask)
+        kwargs.update(topk_log_probs=log_probs.double() / lengths, length_penalty=0.0,
+                      next_token_hits_stopping_criteria=hits, top_num_beam_mask=top_mask)
+        return super()._update_finished_beams(**kwargs)
+
+    def _check_early_stop_heuristic(self, **kwargs):
+        """transformers 4.29's early stop for the "with_prefix" mode: done when the worst kept
+        hypothesis beats the step's best candidate over (prefix + current length) ** lp."""
+        ranking = _PREFIX_RANKING.get()
+        if ranking is not None and ranking.best_candidate is not None:
+            kwargs.update(running_beam_scores=ranking.best_candidate,
+                          decoder_prompt_len=kwargs["decoder_prompt_len"] - ranking.prefix_length)
+        return GenerationMixin._check_early_stop_heuristic(**kwargs)
 
 
 def default_generation_config(config: ClipCapConfig) -> GenerationConfig:
@@ -357,4 +468,11 @@ def default_generation_config(config: ClipCapConfig) -> GenerationConfig:
     )
 
 
-__all__ = ["AUTO_MAP", "ClipCapForCaptioning", "ClipCapPreTrainedModel", "default_generation_config"]
+__all__ = [
+    "AUTO_MAP",
+    "ClipCapForCaptioning",
+    "ClipCapPreTrainedModel",
+    "EndAfterStopTokenLogitsProcessor",
+    "default_generation_config",
+    "prefix_ranking",
+]

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from modeling_clipcap import ClipCapForCaptioning, caption_stop_token_ids
 from modeling_clipcap.convert_clipcap import convert_clipcap, load_clip_vision
 from modeling_clipcap.convert_ndlb import convert_ndlb, ensure_converted, main as ndlb_main, real_vocab_size
 from modeling_clipcap.conversion_utils import ConversionError
-from tests import tiny
+from tests.ndlb_release import OpenAIVisionTransformer
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEADS, PATCH, IMAGE, EMBED_DIM = 32, 2, 8, 32, 16  # tiny CLIP ViT: 16 patches + class token
@@ -40,51 +39,6 @@ def perturb_(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
 
 
 # -- independent source-layout models ---------------------------------------------------------------
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class OpenAIResBlock(nn.Module):
-    """OpenAI CLIP's ResidualAttentionBlock: nn.MultiheadAttention (fused in_proj) + QuickGELU MLP."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(width, heads)
-        self.ln_1 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(),
-                                             c_proj=nn.Linear(4 * width, width)))
-        self.ln_2 = nn.LayerNorm(width)
-
-    def forward(self, x):  # (L, N, D)
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class OpenAIVisionTransformer(nn.Module):
-    """OpenAI CLIP's VisionTransformer with its parameter names (conv1, class_embedding, ...)."""
-
-    def __init__(self, width=WIDTH, layers=2, heads=HEADS, patch=PATCH, image=IMAGE, output_dim=EMBED_DIM):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
-        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
-        self.positional_embedding = nn.Parameter(torch.randn((image // patch) ** 2 + 1, width) * width**-0.5)
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = nn.Module()
-        self.transformer.resblocks = nn.Sequential(*[OpenAIResBlock(width, heads) for _ in range(layers)])
-        self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(torch.randn(width, output_dim) * width**-0.5)
-
-    def forward(self, x):
-        x = self.conv1(x).flatten(2).permute(0, 2, 1)  # (B, grid², width)
-        cls = self.class_embedding.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding
-        x = self.ln_pre(x).permute(1, 0, 2)  # (L, B, D)
-        x = self.transformer.resblocks(x).permute(1, 0, 2)
-        return self.ln_post(x[:, 0, :]) @ self.proj  # (B, output_dim)
 
 
 def openai_text_tower(seed: int) -> dict[str, torch.Tensor]:
@@ -164,9 +118,10 @@ class OrigTransformerMapper(nn.Module):
         return x[:, self.clip_length :]
 
 
-def tiny_gpt2(vocab: int, seed: int) -> GPT2LMHeadModel:
+def tiny_gpt2(vocab: int, seed: int, n_positions: int = 64) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_embd=N_EMBD, n_layer=2, n_head=2, n_positions=64, n_inner=3 * N_EMBD)
+    config = GPT2Config(vocab_size=vocab, n_embd=N_EMBD, n_layer=2, n_head=2, n_positions=n_positions,
+                        n_inner=3 * N_EMBD)
     return perturb_(GPT2LMHeadModel(config), seed).eval()
 
 
@@ -304,24 +259,55 @@ def test_ndlb_cli_writes_a_loadable_folder(tmp_path, sender, inputs, tokenizer, 
     assert set(caption_stop_token_ids(tokenizer)) <= set(generation["eos_token_id"])
 
 
-def test_processor_files_follow_the_authors_transform(tmp_path, sender, tokenizer_dir):
-    """AutoProcessor loads from the converted folder; its pixels equal CLIP's own transform
-    (bicubic resize of the short side, center crop, OpenAI mean/std) written out in torchvision."""
+ODD_SIZES = [(61, 41), (41, 61), (45, 31), (33, 32), (50, 35), (97, 40)]  # (width, height)
+
+
+def openai_transform(size: int):
+    """OpenAI CLIP's `clip.load(...)[1]` (clip/clip.py `_transform`), written out in torchvision."""
     from torchvision import transforms as T
 
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      lambda im: im.convert("RGB"), T.ToTensor(),
+                      T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+
+
+def odd_images(seed: int = 3):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for w, h in ODD_SIZES]
+
+
+def test_processor_files_follow_the_authors_transform(tmp_path, sender, tokenizer_dir):
+    """AutoProcessor loads from the converted folder; its pixels equal OpenAI CLIP's own transform
+    on odd image sizes (bicubic resize of the short side, center crop with the offset rounded:
+    (61, 41) resizes to 47 x 32 and is cropped at column 8, where transformers' processor takes 7)."""
     out = convert_ndlb(write_release(tmp_path / "release", sender.checkpoint()), tmp_path / "out",
                        tokenizer=tokenizer_dir, **HEAD_ARGS)
     processor = AutoProcessor.from_pretrained(out)
-    authors = T.Compose([T.Resize(IMAGE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(IMAGE),
-                         lambda im: im.convert("RGB"), T.ToTensor(),
-                         T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
-    images = tiny.random_images(2, size=48, seed=3) + [tiny.random_images(1, size=40, seed=4)[0].resize((56, 40))]
+    images = odd_images()
     ours = processor(images=images)["pixel_values"]
-    assert ours.shape == (3, 3, IMAGE, IMAGE)
-    theirs = torch.stack([authors(im) for im in images])
-    # PIL bicubic vs the processor's resize differ by rounding only (< 2/255 in pixel units).
-    assert (ours - theirs).abs().max() < 2 / 255 / 0.26
+    assert ours.shape == (len(images), 3, IMAGE, IMAGE)
+    theirs = torch.stack([openai_transform(IMAGE)(im) for im in images])
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    plain = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]  # floor crop, tensor resize
+    assert (plain - theirs).abs().amax(dim=(1, 2, 3)).max() > 0.1
     assert processor(text="a star")["input_ids"].shape[1] >= 2
+
+
+def test_converted_release_decodes_as_the_release(tmp_path, sender, tokenizer, tokenizer_dir):
+    out = convert_ndlb(write_release(tmp_path / "release", sender.checkpoint()), tmp_path / "out",
+                       tokenizer=tokenizer_dir, **HEAD_ARGS)
+    config = json.loads((out / "config.json").read_text())
+    assert config["length_normalization"] == "with_prefix"  # transformers 4.29's beam ranking
+    assert config["stop_token_ids"] == caption_stop_token_ids(tokenizer)  # NDLB's rule: any token with "."
+    processor = AutoProcessor.from_pretrained(out)
+    ids = tokenizer.encode("two stars , on the left .")
+    assert processor.decode(ids) == "two stars, on the left."  # clean_up_tokenization_spaces, as 4.29.2
+    assert tokenizer.decode(ids) == "two stars , on the left ."  # (transformers 5's default leaves the spaces)
+    other = convert_ndlb(tmp_path / "release", tmp_path / "other", tokenizer=tokenizer_dir,
+                         length_normalization="generated", **HEAD_ARGS)
+    assert json.loads((other / "config.json").read_text())["length_normalization"] == "generated"
 
 
 def test_ensure_converted_converts_releases_once_and_passes_ours_through(tmp_path, sender, inputs, tokenizer,
@@ -381,6 +367,57 @@ def test_clipcap_pt_logits_match_original_forward(tmp_path, tiny_clip_judge_dir,
         embeds = torch.cat([prefix_embeds, gpt.transformer.wte(caption_ids)], dim=1)
         expected = gpt(inputs_embeds=embeds).logits
     torch.testing.assert_close(converted_logits(model, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+DOT_SCALES = [5.0, 2.0, 3.0]  # embedding-row scales of ".", "..", "...": captions that end at "." and ones with ".."
+
+
+def clipcap_generate2(gpt, prefix_embeds: torch.Tensor, stop_id: int, entry_length: int = 67) -> list[int]:
+    """ClipCap's greedy `generate2` (predict.py) for one image: argmax (its top-p filter never removes
+    the argmax) on [prefix, caption embeddings] without a cache, until the exact stop token."""
+    tokens, embeds = [], prefix_embeds  # (1, P, D)
+    for _ in range(entry_length):
+        token = int(gpt(inputs_embeds=embeds).logits[0, -1].argmax())
+        tokens.append(token)
+        embeds = torch.cat([embeds, gpt.transformer.wte(torch.tensor([[token]]))], dim=1)
+        if token == stop_id:
+            break
+    return tokens
+
+
+def test_converted_clipcap_stops_as_clipcap(tmp_path, tiny_clip_judge_dir, tokenizer, tokenizer_dir):
+    """ClipCap's own stop rule survives conversion: the exact "." token (not "..", "...", nor
+    end-of-text), at most 67 tokens; greedy captions equal its `generate2` token for token."""
+    from transformers import CLIPModel
+
+    vocab = len(tokenizer)
+    gpt = tiny_gpt2(vocab, seed=21, n_positions=128)
+    dots = [tokenizer.convert_tokens_to_ids(t) for t in (".", "..", "...")]
+    with torch.no_grad():  # make the period tokens likely, so that captions end at mixed lengths
+        gpt.transformer.wte.weight[dots] *= torch.tensor(DOT_SCALES)[:, None]
+    torch.manual_seed(22)
+    mapper = perturb_(OrigMLP(EMBED_DIM, PREFIX), 23, scale=1.0)
+    state = {**{"gpt." + k: v for k, v in gpt.state_dict().items()},
+             **{"clip_project." + k: v for k, v in mapper.state_dict().items()}}
+    torch.save(state, tmp_path / "coco_weights.pt")
+    out = convert_clipcap(tmp_path / "coco_weights.pt", tmp_path / "out", clip=str(tiny_clip_judge_dir),
+                          tokenizer=tokenizer_dir, text_heads=2)
+    model = ClipCapForCaptioning.from_pretrained(out).eval()
+    period = tokenizer.encode(".")[0]
+    assert model.config.stop_token_ids == [period] and model.generation_config.eos_token_id == [period]
+    assert model.generation_config.max_new_tokens == 67 and model.config.length_normalization == "generated"
+
+    pixel_values = torch.randn(12, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(24))
+    ours = model.generate(pixel_values=pixel_values, num_beams=1).tolist()
+    with torch.no_grad():
+        clip = CLIPModel.from_pretrained(tiny_clip_judge_dir)
+        prefixes = mapper(clip.get_image_features(pixel_values=pixel_values).pooler_output)
+        theirs = [clipcap_generate2(gpt, prefixes[i : i + 1], period) for i in range(len(pixel_values))]
+    assert [row[: len(ref)] for row, ref in zip(ours, theirs)] == theirs
+    assert all(set(row[len(ref):]) <= {tokenizer.pad_token_id} for row, ref in zip(ours, theirs))
+    assert any(ref[-1] == period and len(ref) < 67 for ref in theirs)  # ended at "."
+    # NDLB's rule would have stopped earlier, at ".." / "...", in some of them
+    assert any(set(ref[:-1]) & set(dots[1:]) for ref in theirs)
 
 
 def test_load_clip_vision_takes_projection_from_full_clip(tiny_clip_judge_dir):

@@ -289,3 +289,69 @@ def test_fresh_process_remote_code_gives_identical_captions(tiny_clipcap_dir, tm
     run = subprocess.run([sys.executable, "-c", refuse, str(tiny_clipcap_dir), str(tmp_path / "pixels.pt"), *paths],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
+
+
+# -- the authors' release ranking ("with_prefix", transformers 4.29) ----------------------------------
+
+
+def test_end_after_stop_token_processor_forces_end_of_text():
+    from modeling_clipcap.modeling_clipcap import EndAfterStopTokenLogitsProcessor
+
+    processor = EndAfterStopTokenLogitsProcessor([3, 5], eos_token_id=0)
+    scores = torch.randn(3, 8)
+    assert torch.equal(processor(torch.empty(3, 0, dtype=torch.long), scores.clone()), scores)  # first step
+    out = processor(torch.tensor([[1, 3], [5, 2], [4, 5]]), scores.clone())
+    low = torch.finfo(scores.dtype).min
+    for row in (0, 2):  # last token is a stop token: end-of-text at log-prob 0, nothing else
+        assert out[row, 0] == 0 and (out[row, 1:] == low).all()
+    assert torch.equal(out[1], scores[1])
+
+
+def test_with_prefix_scores_count_the_prefix_positions(tokenizer):
+    """Finished beams are ranked by sum log-prob / (prefix_length + caption tokens kept), the stop
+    token counted and the end-of-text it forces not (transformers 4.29's BeamHypotheses.add)."""
+    model, processor = tiny.build_tiny_clipcap(tokenizer, seed=2, lm_head_bias=True)
+    stop_ids = set(model.config.stop_token_ids)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # captions that differ between images and end at mixed lengths
+        for name, param in model.named_parameters():
+            param.add_(torch.randn(param.shape, generator=g) * (1.0 if name.startswith("mapper") else 0.3))
+        model.logits_bias.zero_()
+        model.logits_bias[list(stop_ids)] = 1.0
+    pixel_values = processor(images=tiny.random_images(3, seed=4))["pixel_values"]
+    out = model.generate(pixel_values=pixel_values, length_normalization="with_prefix", num_return_sequences=5,
+                         max_new_tokens=8, return_dict_in_generate=True, output_scores=True)
+    eos, p = tokenizer.eos_token_id, model.config.prefix_length
+    seqs = out.sequences
+    logits = model(pixel_values=pixel_values.repeat_interleave(5, 0), input_ids=seqs).logits[:, p - 1 : -1]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+    expected, ended = [], 0
+    for row, lp in zip(seqs.tolist(), logp):
+        kept = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        ended += kept < len(row)
+        if kept < len(row):
+            assert row[kept] == eos  # end-of-text forced after the stop token
+        expected.append(lp[:kept].sum() / (p + kept))
+    assert 0 < ended < len(seqs)
+    torch.testing.assert_close(out.sequences_scores.float(), torch.stack(expected), atol=1e-4, rtol=1e-4)
+    # the default ("generated") divides by the caption tokens only: other scores
+    plain = model.generate(pixel_values=pixel_values, num_return_sequences=5, max_new_tokens=8,
+                           return_dict_in_generate=True, output_scores=True)
+    assert not torch.allclose(plain.sequences_scores.float(), out.sequences_scores.float())
+
+
+def test_with_prefix_greedy_captions_equal_the_default(tiny_clipcap):
+    model, processor = tiny_clipcap
+    pixel_values = processor(images=tiny.random_images(4, seed=9))["pixel_values"]
+    a = model.generate(pixel_values=pixel_values, num_beams=1, max_new_tokens=10)
+    b = model.generate(pixel_values=pixel_values, num_beams=1, max_new_tokens=10, length_normalization="with_prefix")
+    assert processor.batch_decode(a) == processor.batch_decode(b)
+
+
+def test_length_normalization_is_validated(tiny_clipcap, tokenizer):
+    assert ClipCapConfig().length_normalization == "generated"  # this repository's models keep today's ranking
+    with pytest.raises(ValueError, match="length_normalization"):
+        tiny.tiny_clipcap_config(tokenizer, length_normalization="prefix")
+    model, processor = tiny_clipcap
+    with pytest.raises(ValueError, match="length_normalization"):
+        model.generate(pixel_values=processor(images=tiny.random_images(1))["pixel_values"], length_normalization="x")
