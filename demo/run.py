@@ -30,7 +30,7 @@ with the same ``--out`` and settings, so an interrupted run resumes where it sto
    ``sr_bags_curri_LV``) and on GPT-2 only (SR-L, ``sr_bags_curri_L``).
 6. ``evaluate`` — caption the test split (greedy, the caption length limit) and score it with
    the project's evaluate modules (``metrics/truematch``, ``metrics/self_retrieval``,
-   ``metrics/cider_d``) and ``evaluate_captions.vocabulary_stats``; R@1 once per judge.
+   ``metrics/cider_d``) and ``evaluation.vocabulary_stats``; R@1 once per judge.
 7. ``report`` — ``results.json`` and ``report.html`` (:mod:`demo.report`).
 """
 
@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from demo.world import CAPTION_TOKENS
+from evaluation import load_metric, vocabulary_stats
 
 __all__ = ["DemoConfig", "FAST", "FULL", "SRRun", "config_for", "main", "run_demo"]
 
@@ -529,18 +530,6 @@ def caption_split(model_dir: Path, split, max_new_tokens: int, batch_size: int =
     return captions
 
 
-_MODULES: dict[str, Any] = {}
-
-
-def _module(name: str):
-    """A project evaluate module (``metrics/<name>``), loaded once per process."""
-    import evaluate
-
-    if name not in _MODULES:
-        _MODULES[name] = evaluate.load(str(Path(__file__).resolve().parent.parent / "metrics" / name))
-    return _MODULES[name]
-
-
 def read_truematch_bags(folder: Path, sizes) -> list[list[str]]:
     """TrueMatch bags as lists of image ids, from the folder's ``{s}.json`` files (the authors'
     format that ``write_truematch`` writes next to the parquet configs)."""
@@ -555,8 +544,8 @@ def score_captions(captions: list[str], split, bags: list[list[str]], judge, num
     (``metrics/truematch``) and R@1 against random distractors (``metrics/self_retrieval``)."""
     ids = [str(i) for i in split["cocoid"]]
     images = split["image"]
-    tm = _module("truematch").compute(predictions=captions, images=images, ids=ids, bags=bags, judge=judge)
-    rd = _module("self_retrieval").compute(predictions=captions, images=images, ids=ids,
+    tm = load_metric("truematch").compute(predictions=captions, images=images, ids=ids, bags=bags, judge=judge)
+    rd = load_metric("self_retrieval").compute(predictions=captions, images=images, ids=ids,
                                            num_distractors=num_distractors, seed=seed, judge=judge)
     row = {k.replace("recall_at_1_bag_", "truematch_r1_"): 100.0 * v for k, v in tm.items()
            if k.startswith("recall_at_1_bag_")}
@@ -567,10 +556,8 @@ def score_captions(captions: list[str], split, bags: list[list[str]], judge, num
 
 def text_metrics(captions: list[str], split) -> dict[str, float]:
     """CIDEr-D and BLEU-4 against the sparse references (``metrics/cider_d``), the vocabulary
-    (``evaluate_captions.vocabulary_stats``) and attribute faithfulness (the world's ground truth)."""
-    from evaluate_captions import vocabulary_stats
-
-    cider = _module("cider_d").compute(predictions=captions, references=[list(r) for r in split["captions"]])
+    (``evaluation.vocabulary_stats``) and attribute faithfulness (the world's ground truth)."""
+    cider = load_metric("cider_d").compute(predictions=captions, references=[list(r) for r in split["captions"]])
     vocab = vocabulary_stats(captions)
     return {"cider": cider["cider"], "bleu_4": cider["bleu_4"], "vocab": vocab["vocab_size"],
             "words_ge5": vocab["words_ge5"], "mean_length": vocab["mean_length"],
@@ -603,7 +590,7 @@ def stage_eval(name: str, cfg: DemoConfig, p: Paths) -> dict[str, Any]:
         if not suffix:  # judge B on the curated bags without the solvability filter
             unfiltered = [[str(c) for c in bag] for s in cfg.bag_sizes
                           for bag in json.loads((p.truematch / f"unfiltered_{s}.json").read_text())]
-            tm = _module("truematch").compute(predictions=captions, images=test["image"], ids=ids, bags=unfiltered,
+            tm = load_metric("truematch").compute(predictions=captions, images=test["image"], ids=ids, bags=unfiltered,
                                               judge=judge)
             row.update({f"truematch_unfiltered_r1_{s}": 100.0 * tm[f"recall_at_1_bag_{s}"] for s in cfg.bag_sizes})
     row.update(text_metrics(captions, test))

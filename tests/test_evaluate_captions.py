@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import evaluate_captions as ec
+import evaluation
 from metrics.clip_judge import ClipJudge
 from tests import tiny
 
@@ -102,7 +103,7 @@ def test_end_to_end_with_missing_caption(bench, tiny_clip_judge_dir, tmp_path, c
         assert res["missing"][b] == [str(MISSING)], b
     assert res["truematch"]["num_captions"] == 14  # 3 bags of 3 + 1 bag of 5, missing included
     judge = ClipJudge.from_pretrained(str(tiny_clip_judge_dir), device="cpu")
-    captions = ec.read_captions(bench / "captions.json")
+    captions = evaluation.read_captions(bench / "captions.json")
     exp = expected_truematch(judge, bench, captions)
     assert res["table"]["TM #3"] == pytest.approx(exp[3]) and res["table"]["TM #5"] == pytest.approx(exp[5])
     assert res["rd4"]["num_candidates"] == 4 and res["rd4"]["num_captions"] == 9
@@ -171,19 +172,19 @@ def test_strict_and_errors(bench, tiny_clip_judge_dir, tmp_path, capsys):
 
 def test_read_captions_formats(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"image_id": "000000000007", "caption": " a cat "}\n{"cocoid": 8, "caption": "b"}\n')
-    assert ec.read_captions(tmp_path / "a.jsonl") == {"7": "a cat", "8": "b"}
+    assert evaluation.read_captions(tmp_path / "a.jsonl") == {"7": "a cat", "8": "b"}
     with open(tmp_path / "a.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerows([["cocoid", "caption"], [7, "a, quoted caption"], [8, ""]])
-    assert ec.read_captions(tmp_path / "a.csv") == {"7": "a, quoted caption", "8": ""}
+    assert evaluation.read_captions(tmp_path / "a.csv") == {"7": "a, quoted caption", "8": ""}
     (tmp_path / "b.json").write_text(json.dumps([{"cocoid": 7, "caption": "x"}, {"image_id": 9, "caption": "y"}]))
-    assert ec.read_captions(tmp_path / "b.json") == {"7": "x", "9": "y"}
+    assert evaluation.read_captions(tmp_path / "b.json") == {"7": "x", "9": "y"}
     (tmp_path / "c.json").write_text(json.dumps([{"cocoid": 7, "caption": "x"}, {"cocoid": "7", "caption": "y"}]))
     with pytest.raises(ValueError, match="more than one caption"):
-        ec.read_captions(tmp_path / "c.json")
+        evaluation.read_captions(tmp_path / "c.json")
     (tmp_path / "d.json").write_text(json.dumps({"7": 3}))
     with pytest.raises(ValueError, match="id '7'"):
-        ec.read_captions(tmp_path / "d.json")
+        evaluation.read_captions(tmp_path / "d.json")
 
 
 def test_help():
@@ -241,22 +242,22 @@ def test_references_from_coco_dataset_folder(bench, tiny_clip_judge_dir, tmp_pat
 def test_duplicate_keys_bom_csv_and_inference_format(tmp_path):
     (tmp_path / "dup.json").write_text('{"7": "a cat.", "8": "a dog.", "7": "another cat."}')
     with pytest.raises(ValueError, match=r"dup.json: key '7' appears more than once"):
-        ec.read_captions(tmp_path / "dup.json")
+        evaluation.read_captions(tmp_path / "dup.json")
     (tmp_path / "dup.jsonl").write_text('{"cocoid": 7, "caption": "x"}\n{"cocoid": 8, "caption": "y", "caption": "z"}\n')
     with pytest.raises(ValueError, match=r"dup.jsonl:2: key 'caption' appears more than once"):
-        ec.read_captions(tmp_path / "dup.jsonl")
+        evaluation.read_captions(tmp_path / "dup.jsonl")
     # a spreadsheet's CSV starts with a byte-order mark
     (tmp_path / "bom.csv").write_text("image_id,caption\n7,a cat.\n", encoding="utf-8-sig")
-    assert ec.read_captions(tmp_path / "bom.csv") == {"7": "a cat."}
+    assert evaluation.read_captions(tmp_path / "bom.csv") == {"7": "a cat."}
     # inference.py's own rows: matched by id or file name
     (tmp_path / "inf.csv").write_text("image,caption\nphotos/COCO_val2014_000000000007.jpg,a cat.\n"
                                       "https://example.com/x/000000000008.png,a dog.\nsets/s1/img3.jpg,a star.\n")
-    raw = ec.read_captions(tmp_path / "inf.csv")
-    assert ec.match_captions(raw, {"7", "8", "s1/img3"}) == {"7": "a cat.", "8": "a dog.", "s1/img3": "a star."}
-    assert ec.match_captions(raw) == {"7": "a cat.", "8": "a dog.", "img3": "a star."}
+    raw = evaluation.read_captions(tmp_path / "inf.csv")
+    assert evaluation.match_captions(raw, {"7", "8", "s1/img3"}) == {"7": "a cat.", "8": "a dog.", "s1/img3": "a star."}
+    assert evaluation.match_captions(raw) == {"7": "a cat.", "8": "a dog.", "img3": "a star."}
     (tmp_path / "two.jsonl").write_text('{"image": "a/7.jpg", "caption": "x"}\n{"image": "b/7.png", "caption": "y"}\n')
     with pytest.raises(ValueError, match=r"two captions for id 7: under 'a/7.jpg' and 'b/7.png'"):
-        ec.match_captions(ec.read_captions(tmp_path / "two.jsonl"), {"7"})
+        evaluation.match_captions(evaluation.read_captions(tmp_path / "two.jsonl"), {"7"})
 
 
 def test_inference_output_scores_like_an_id_keyed_file(bench, tiny_clip_judge_dir, tmp_path, capsys):
