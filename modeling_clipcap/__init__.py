@@ -15,7 +15,8 @@ import transformers
 from .configuration_clipcap import ClipCapConfig
 from .modeling_clipcap import AUTO_MAP, ClipCapForCaptioning, ClipCapPreTrainedModel, default_generation_config
 from .pipeline_clipcap import ClipCapCaptioningPipeline, register_clipcap_pipeline
-from .processing_clipcap import ClipCapProcessor, caption_stop_token_ids, to_rgb
+from .image_loading import to_rgb
+from .processing_clipcap import ClipCapProcessor, caption_stop_token_ids
 
 
 def _register_auto_classes() -> None:

@@ -20,23 +20,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: transparency is composited on white; CMYK, greyscale, palette,
-    16-bit and float images are converted."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        span = float(array.max() - array.min()) or 1.0
-        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+from .image_loading import to_rgb  # the one conversion (transparency on white), shared with the judge
 
 
 def caption_stop_token_ids(tokenizer) -> list[int]:
@@ -104,7 +88,7 @@ class ClipCapProcessor(ProcessorMixin):
                                     f"{type(image).__name__} {getattr(array, 'dtype', '')} "
                                     f"{getattr(array, 'shape', '')}.")
                 image = Image.fromarray(array)
-            pils.append(image)
+            pils.append(to_rgb(image))  # as every other path: transparency on white
         return torch.stack([self._openai_transform(image) for image in pils])
 
     def __call__(
@@ -174,4 +158,4 @@ class ClipCapProcessor(ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask"]
 
 
-__all__ = ["ClipCapProcessor", "caption_stop_token_ids", "openai_clip_transform", "to_rgb"]
+__all__ = ["ClipCapProcessor", "caption_stop_token_ids", "openai_clip_transform"]
