@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling_clipcap.model_card import NDLB_CITATION
+from trainers.bags import check_distinct_bag
 
 logger = logging.getLogger(__name__)
 
@@ -629,9 +630,7 @@ def read_authors_bags(path: str | os.PathLike) -> list[list[int]]:
     if not isinstance(bags, list) or not all(isinstance(b, list) and all(isinstance(c, int) for c in b) for b in bags):
         raise ValueError(f"{path}: expected a JSON list of bags, each a list of integer COCO ids")
     for k, bag in enumerate(bags):
-        if len(set(bag)) != len(bag):
-            raise ValueError(f"{path}: bag {k} {bag} holds an image id more than once; every image of a bag must be "
-                             "distinct")
+        check_distinct_bag(bag, f"{path}: bag {k}")
     return bags
 
 

@@ -76,14 +76,6 @@ class ImageFolder:
         return list(dict.fromkeys(file_ids(str(p))[0] for p in self._by_stem.values()))
 
 
-def _check_bag(ids: list[str], where: str) -> None:
-    """A bag lists distinct images (R@1 within a bag with one image twice is meaningless)."""
-    twice = sorted({i for i in ids if ids.count(i) > 1})
-    if twice:
-        raise ValueError(f"{where} holds image id(s) {', '.join(twice)} more than once ({ids}); a bag needs distinct "
-                         "images: fix or drop that bag")
-
-
 @dataclass
 class TrueMatchData:
     """TrueMatch bags: unique image ``ids`` with their ``images``, ``bags`` as lists of ids, the
@@ -135,6 +127,8 @@ def load_truematch(source: str, sizes: list[int], images_dir: str | None = None)
     images: dict[str, Any] = {}
     refs: dict[str, list[str]] = {}
     bags: list[list[str]] = []
+    from trainers.bags import check_distinct_bag
+
     if ours:
         import datasets
 
@@ -146,7 +140,7 @@ def load_truematch(source: str, sizes: list[int], images_dir: str | None = None)
             ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
             for n, row in enumerate(ds):
                 ids = [norm_id(c) for c in row["cocoids"]]
-                _check_bag(ids, f"{source} [bags_{s}] row {n} (bag_id {row.get('bag_id', n)})")
+                check_distinct_bag(ids, f"{source} [bags_{s}] row {n} (bag_id {row.get('bag_id', n)})")
                 bags.append(ids)
                 for k, cid in enumerate(ids):
                     images.setdefault(cid, row["images"][k])
@@ -166,7 +160,6 @@ def load_truematch(source: str, sizes: list[int], images_dir: str | None = None)
                 raise FileNotFoundError(f"{f} not found (asked for bag size {s}; see --bag-sizes)")
             for n, bag in enumerate(read_authors_bags(f)):
                 ids = [norm_id(c) for c in bag]
-                _check_bag(ids, f"{f} bag {n}")
                 bags.append(ids)
                 for cid in ids:
                     if cid not in images:

@@ -128,3 +128,17 @@ def test_bf16_captioner_is_close_to_float32_and_inference_loads_it(tmp_path, tin
         p32 = torch.softmax(model32(pixel_values=pixel_values, input_ids=ids).logits.float(), -1)
         p16 = torch.softmax(model16(pixel_values=pixel_values, input_ids=ids).logits.float(), -1)
     assert (p32 - p16).abs().max() < 0.02  # next-token probabilities within 2 points
+
+
+def test_static_cache_decodes_like_the_dynamic_cache(tiny_clipcap):
+    import inference
+
+    model, processor = tiny_clipcap
+    pixel_values = processor(images=tiny.random_images(4, seed=9))["pixel_values"]
+    kwargs = inference.compiled_generation_kwargs()
+    assert kwargs["cache_implementation"] == "static" and kwargs["compile_config"]._compile_all_devices
+    for beams in (1, 3):
+        dynamic = model.generate(pixel_values=pixel_values, num_beams=beams, max_new_tokens=6)
+        static = model.generate(pixel_values=pixel_values, num_beams=beams, max_new_tokens=6,
+                                cache_implementation="static", disable_compile=True)  # compiling takes ~20 s
+        assert torch.equal(dynamic, static)

@@ -302,7 +302,7 @@ def test_a_bag_with_an_image_twice_is_an_error(bench, tiny_clip_judge_dir, tmp_p
                     "cpu", "--benchmark", "truematch", "--truematch", str(authors), "--bag-sizes", "3",
                     "--truematch-images", str(bench / "images")]) == 2
     err = capsys.readouterr().err
-    assert f"error: {authors / '3.json'} bag 1 holds image id(s) 104 more than once" in err
+    assert f"error: {authors / '3.json'}: bag 1 holds image id(s) 104 more than once ([104, 105, 104])" in err
 
 
 def test_a_judge_that_cannot_be_loaded_is_one_error_line(bench, tmp_path, capsys):

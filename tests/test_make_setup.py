@@ -63,7 +63,11 @@ def run_browser_step(tmp_path: Path, *, apt: bool = True, uid: int = 0, sudo: bo
 
 
 def test_make_test_installs_test_packages_and_browser_before_pytest():
-    dry = subprocess.run([MAKE, "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # under `make test` itself this is a sub-make: without MAKELEVEL/MAKEFLAGS it prints no
+    # "Entering directory" lines around the recipe
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    dry = subprocess.run([MAKE, "--no-print-directory", "-n", "test"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env=env)
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.splitlines()
     browser = lines.index("sh .ci/ensure_browser.sh")

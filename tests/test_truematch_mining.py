@@ -433,5 +433,5 @@ def test_authors_bag_file_with_a_repeated_image_is_an_error(tmp_path):
     good.write_text("[[1, 2, 3], [4, 5, 6]]")
     bad.write_text("[[1, 2, 3], [4, 5, 4]]")
     assert read_authors_bags(good) == [[1, 2, 3], [4, 5, 6]]
-    with pytest.raises(ValueError, match=r"3bad.json: bag 1 \[4, 5, 4\] holds an image id more than once"):
+    with pytest.raises(ValueError, match=r"3bad.json: bag 1 holds image id\(s\) 4 more than once \(\[4, 5, 4\]\)"):
         read_authors_bags(bad)

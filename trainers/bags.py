@@ -198,6 +198,17 @@ class BagCollator:
         return batch
 
 
+def check_distinct_bag(bag: Sequence[Any], where: str) -> None:
+    """Raise a ``ValueError`` naming ``where`` (e.g. ``"3.json: bag 4"``) when ``bag`` holds an image
+    twice: R@1 within such a bag, or a bag of "hard negatives" that contains its own positive, is
+    meaningless. The one check used by the training bags, the authors' bag files and evaluation."""
+    bag = list(bag)
+    repeated = sorted({str(c) for c in bag if bag.count(c) > 1})
+    if repeated:
+        raise ValueError(f"{where} holds image id(s) {', '.join(repeated)} more than once ({bag}); every image "
+                         "of a bag must be distinct: fix or drop that bag")
+
+
 def bags_from_cocoids(bag_cocoids: Sequence[Sequence[Any]], cocoids: Sequence[Any],
                       where: str = "the training set") -> list[list[int]]:
     """Map bags of COCO ids (the training-bag JSON format) to dataset rows.
@@ -207,10 +218,7 @@ def bags_from_cocoids(bag_cocoids: Sequence[Sequence[Any]], cocoids: Sequence[An
     """
     row_of = {c: r for r, c in enumerate(cocoids)}
     for k, bag in enumerate(bag_cocoids):
-        if len(set(bag)) != len(bag):
-            repeated = sorted({c for c in bag if list(bag).count(c) > 1}, key=str)
-            raise ValueError(f"bag {k} ({list(bag)}) holds the image id(s) {repeated} more than once; "
-                             "every image of a bag must be distinct")
+        check_distinct_bag(bag, f"bag {k}")
     unknown = [c for bag in bag_cocoids for c in bag if c not in row_of]
     if unknown:
         raise KeyError(f"{len(unknown)} image ids of the bags are not in {where}, e.g. {unknown[:5]}: "
