@@ -142,3 +142,28 @@ def test_static_cache_decodes_like_the_dynamic_cache(tiny_clipcap):
         static = model.generate(pixel_values=pixel_values, num_beams=beams, max_new_tokens=6,
                                 cache_implementation="static", disable_compile=True)  # compiling takes ~20 s
         assert torch.equal(dynamic, static)
+
+
+def test_frozen_weight_casts_are_cached_without_changing_values_or_flags():
+    """Sampling under --bf16 lets autocast keep one bf16 copy of each frozen weight (torch caches
+    casts only of leaves that require grad); outputs equal the uncached region and the frozen
+    flags come back, also when the body raises."""
+    from trainers.sr_trainer import _cache_frozen_weight_casts
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    net[0].requires_grad_(False)
+    x = torch.randn(3, 8)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        plain = net(x)
+        with _cache_frozen_weight_casts(net):
+            assert all(p.requires_grad for p in net.parameters())
+            net(x)  # the cached bf16 copy is made here and reused by the next call
+            cached = net(x)
+    assert plain.dtype == torch.bfloat16 and torch.equal(plain, cached)
+    assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]
+    with pytest.raises(RuntimeError, match="boom"), _cache_frozen_weight_casts(net):
+        raise RuntimeError("boom")
+    assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]
+    with _cache_frozen_weight_casts(net, enabled=False):  # fp32 runs: nothing flagged
+        assert not net[0].weight.requires_grad

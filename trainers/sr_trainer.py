@@ -22,6 +22,7 @@ the ``peft_config`` it is given.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -65,6 +66,26 @@ logger = logging.get_logger(__name__)
 RewardFunc = Callable[..., list[float | None]]
 TRAINER_STATE_NAME = "trainer_state.json"
 LEGACY_SR_STATE_NAME = "sr_state.json"  # written by earlier versions beside trainer_state.json
+
+
+@contextlib.contextmanager
+def _cache_frozen_weight_casts(model: torch.nn.Module, enabled: bool = True):
+    """Inside an autocast region, let torch reuse the bf16 copy of the frozen weights.
+
+    torch's autocast caches the low-precision cast of a weight for the whole region only when the
+    weight is a leaf that requires grad; frozen weights (all of GPT-2 and CLIP in the LoRA modes)
+    are otherwise cast again at every decoding step, which made bf16 sampling slower than float32
+    (measured in `benchmarks/bench_sr_step.py`). Under `torch.no_grad()` (sampling) flagging them
+    for the region changes no value and computes no gradient; the flags are restored on exit.
+    """
+    frozen = [p for p in model.parameters() if enabled and p.is_floating_point() and not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def completion_mask(ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
@@ -330,6 +351,7 @@ class SRTrainer(Trainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
             self.accelerator.autocast(),  # --bf16: one autocast region, weights cast once per call
+            _cache_frozen_weight_casts(unwrapped, enabled=self.args.bf16),
         ):
             return unwrapped.generate(**vision, max_new_tokens=self.max_new_tokens, **kwargs)
 
@@ -346,9 +368,9 @@ class SRTrainer(Trainer):
         pixel_values = inputs["pixel_values"].to(device)
         columns = {key: value for key, value in inputs.items() if key != "pixel_values"}
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():  # --bf16: the CLIP pass in bf16 too
             unwrapped = self.accelerator.unwrap_model(self.model)
-            vision = {"image_embeds": unwrapped.get_image_embeds(pixel_values)}  # (B, clip_dim)
+            vision = {"image_embeds": unwrapped.get_image_embeds(pixel_values).float()}  # (B, clip_dim)
         ids = self._generate(vision, do_sample=True, temperature=self.args.temperature, top_k=self.args.top_k or None,
                              top_p=1.0, num_beams=1, num_return_sequences=k)  # (B*k, T)
         greedy_ids = None
