@@ -1,4 +1,4 @@
-"""COCO captions with the Karpathy split as a `datasets.DatasetDict` (API contract 2).
+"""COCO captions with the Karpathy split as a `datasets.DatasetDict` (docs/formats.md: COCO dataset).
 
 The NDLB paper trains on COCO's Karpathy train split (113k images incl. "restval") and builds
 TrueMatch from the 10k Karpathy val + test images (paper Sec. 3.1). This module turns a COCO

@@ -21,7 +21,7 @@ whatever the block size, BLAS, thread count or device: a float32 matmul finds ea
 candidates with a proven safety margin, then each row's candidates are re-ranked with dot
 products that are exact in float64 (:func:`split_unit_rows`, :func:`knn`).
 
-Outputs follow API contracts 3 and 4 (see ``write_truematch`` and the CLI).
+Outputs are the training-bag files and the TrueMatch folder of docs/formats.md (see ``write_truematch`` and the CLI).
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ def training_bags_from_knn(idx: torch.Tensor | np.ndarray, bag_size: int, seed: 
 def training_bags(m: torch.Tensor | np.ndarray, bag_size: int, top_k: int = 200, seed: int = 0, *,
                   leftover: Literal["random", "drop"] = "random", return_stats: bool = False,
                   **knn_kwargs: Any):
-    """Training bags for SR fine-tuning (paper App. B.2, API contract 3).
+    """Training bags for SR fine-tuning (paper App. B.2, docs/formats.md: training-bag file).
 
     Queries are visited in a random order set by ``seed``; each unused query forms a bag with
     the first ``bag_size - 1`` of its ``top_k`` nearest neighbours (cosine on ``m``, as
@@ -448,7 +448,7 @@ def multimodal_embeddings(dataset, judge, *, cache_dir: str | os.PathLike | None
 
     Args:
         dataset: a `datasets.Dataset` with an image column (decoded or not), a list-of-captions
-            column and an id column (contract 2).
+            column and an id column (docs/formats.md: COCO dataset).
         judge: a `metrics.clip_judge.ClipJudge` (``embed_images`` / ``embed_texts``).
         cache_dir: folder for finished chunks (``chunk-XXXXX.npy``, written atomically) under a
             key of (judge name, ids, captions, chunk size); a rerun loads finished chunks and
@@ -511,7 +511,7 @@ def multimodal_embeddings(dataset, judge, *, cache_dir: str | os.PathLike | None
 
 
 # ---------------------------------------------------------------------------------------------
-# TrueMatch dataset folder (contract 4) and authors' format
+# TrueMatch dataset folder (docs/formats.md: TrueMatch folder) and authors' format
 # ---------------------------------------------------------------------------------------------
 
 def bag_features():
@@ -607,7 +607,7 @@ def _size_category(info: dict[str, Any], review: dict[str, Any]) -> str:
 def write_truematch(out_dir: str | os.PathLike, dataset, curated: dict[int, tuple[list[list[int]], list[float]]],
                     info: dict[str, Any], *, embed_images: bool = True, captions_column: str = "captions",
                     progress: bool = True) -> Path:
-    """Write a TrueMatch folder (contract 4): per size ``bags_{s}/test-00000-of-00001.parquet``,
+    """Write a TrueMatch folder (docs/formats.md): per size ``bags_{s}/test-00000-of-00001.parquet``,
     the authors' ``{s}.json`` (lists of COCO ids) and ``alpha_{s}.json``, ``mining_info.json`` and
     the README.md card. ``curated[s] = (bags as row indices into dataset, alphas)``."""
     out = Path(out_dir)
@@ -743,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing TrueMatch folder")
     b.set_defaults(func=_cmd_build)
 
-    t = sub.add_parser("training-bags", help="disjoint hard training bags (contract 3 JSON per size)")
+    t = sub.add_parser("training-bags", help="disjoint hard training bags (a training-bag file per size)")
     common(t, "train", TRAINING_SIZES)
     t.add_argument("--top-k", type=int, default=200, help="neighbours considered per query (paper: 200)")
     t.add_argument("--seed", type=int, default=0, help="query order (use one seed per epoch)")

@@ -217,7 +217,7 @@ def test_imagecode_benchmark(tiny_clip_judge_dir, tmp_path):
 
 
 def test_references_from_coco_dataset_folder(bench, tiny_clip_judge_dir, tmp_path):
-    """A COCO dataset folder (contract 2, save_to_disk) gives the same RD / CLIP-S / CIDEr as the same
+    """A COCO dataset folder (docs/formats.md, save_to_disk) gives the same RD / CLIP-S / CIDEr as the same
     references as json + an images folder."""
     refs = json.loads((bench / "refs.json").read_text())
     ds = datasets.Dataset.from_dict({

@@ -35,7 +35,7 @@ def coco_captions(cocoid: int, n: int = 5) -> list[str]:
 
 
 def make_coco(root: Path, ids_by_split: dict[str, list[int]], fmt: str = "disk", n_captions: int = 5) -> Path:
-    """A COCO dataset per API contract 2 under ``root``: PNG files on disk, an ``image`` column
+    """A COCO dataset (docs/formats.md) under ``root``: PNG files on disk, an ``image`` column
     (datasets.Image), ``captions``, ``split``; saved with save_to_disk (fmt="disk") or as a
     parquet folder with a README configs block (fmt="parquet"). Returns the dataset path."""
     import datasets

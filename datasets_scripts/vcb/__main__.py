@@ -17,7 +17,8 @@ import signal
 import sys
 from typing import Any
 
-from .backends import BACKENDS, Backend, make_backend
+from .backends import Backend
+from .registry import BACKENDS, make_backend
 from .data import load_split, parse_ids, parse_shard
 from .export import DEFAULT_TOKENIZER, export_holisticcap
 from .pipeline import StageReport, VCBError, run_stage
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="caption a COCO split with BlendCap / VisualCap / HolisticCap (resumable)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = r.add_argument_group("data and output")
-    g.add_argument("--dataset", required=True, help="COCO dataset (API contract 2): save_to_disk folder or parquet")
+    g.add_argument("--dataset", required=True, help="COCO dataset (docs/formats.md): save_to_disk folder or parquet")
     g.add_argument("--split", default="train", help="split to caption")
     g.add_argument("--out", required=True, help="run folder; one sub-folder of JSONL shards per stage")
     g.add_argument("--stages", default=",".join(STAGES),

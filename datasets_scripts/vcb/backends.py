@@ -8,6 +8,8 @@ image for VisualCap) into one :class:`GenResult` per request, in order. Implemen
 - ``openai`` (:mod:`.openai_backend`): any OpenAI-compatible chat server (vLLM, TGI,
   llama.cpp, Ollama), asynchronous with bounded concurrency, timeouts and retries;
 - ``echo`` (:class:`EchoBackend`, here): a deterministic stand-in for dry runs and tests.
+
+This module imports none of the implementations; :mod:`.registry` builds one by name.
 """
 
 from __future__ import annotations
@@ -20,10 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-__all__ = ["GenRequest", "GenResult", "Backend", "EchoBackend", "RequestFailed", "merge_system", "make_backend",
-           "BACKENDS"]
-
-BACKENDS = ("transformers", "openai", "echo")
+__all__ = ["GenRequest", "GenResult", "Backend", "EchoBackend", "merge_system"]
 
 
 @dataclass
@@ -51,10 +50,6 @@ class GenResult:
     finish_reason: str | None = None
     retries: int = 0
     error: str | None = None
-
-
-class RequestFailed(RuntimeError):
-    """A model call failed for good (client error, or retries exhausted)."""
 
 
 def merge_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,22 +125,3 @@ class EchoBackend(Backend):
 
     def settings(self) -> dict[str, Any]:
         return {"backend": self.kind, "model": self.model, "delay": self.delay}
-
-
-def make_backend(kind: str, model: str, *, vision: bool = False, **options: Any) -> Backend:
-    """Build a backend by name. ``options`` are the backend's keyword arguments; unknown ones
-    for the chosen backend are ignored (the CLI passes one set for all)."""
-    import inspect
-
-    if kind == "echo":
-        cls: type = EchoBackend
-    elif kind == "openai":
-        from .openai_backend import OpenAIChatBackend as cls
-    elif kind == "transformers":
-        from .hf_backend import TransformersChatBackend, TransformersVisionBackend
-
-        cls = TransformersVisionBackend if vision else TransformersChatBackend
-    else:
-        raise ValueError(f"unknown backend {kind!r}; choose one of {BACKENDS}")
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(model=model, **{k: v for k, v in options.items() if k in accepted and v is not None})

@@ -1,4 +1,4 @@
-"""Input side of Visual Caption Boost: one split of the COCO dataset (API contract 2).
+"""Input side of Visual Caption Boost: one split of the COCO dataset (docs/formats.md: COCO dataset).
 
 The dataset is a ``DatasetDict`` saved with ``save_to_disk`` or as parquet (a folder that
 ``load_dataset`` reads, or a single ``.parquet`` file), with columns ``cocoid`` (int),
@@ -61,7 +61,8 @@ def load_dataset_dict(path: str | Path):
 
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"COCO dataset {p} not found; build it with datasets_scripts.coco (API contract 2)")
+        raise FileNotFoundError(f"COCO dataset {p} not found; build it with datasets_scripts.coco "
+                                "(format: docs/formats.md)")
     if p.is_dir() and (p / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(p))
     if p.is_dir() and (p / "state.json").is_file():
@@ -152,8 +153,8 @@ def load_split(path: str | Path, split: str = "train") -> CocoSplit:
     ds = dd[split]
     missing = {"cocoid", "captions"} - set(ds.column_names)
     if missing:
-        raise ValueError(f"{path} split {split!r} lacks columns {sorted(missing)} (API contract 2: cocoid, image, "
-                         f"captions, split); it has {ds.column_names}")
+        raise ValueError(f"{path} split {split!r} lacks columns {sorted(missing)} (a COCO dataset, docs/formats.md: "
+                         f"cocoid, image, captions, split); it has {ds.column_names}")
     if "image" in ds.column_names:
         ds = ds.cast_column("image", datasets.Image(decode=False))
     return CocoSplit(ds=ds, split=split, ids=[int(i) for i in ds["cocoid"]], source=str(path))

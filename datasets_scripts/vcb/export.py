@@ -165,7 +165,7 @@ def export_holisticcap(run_dir: str | Path, dataset: str | Path, out_dir: str | 
 
     Args:
         run_dir: the ``--out`` folder of ``vcb run`` (stage sub-folders).
-        dataset: the COCO dataset (API contract 2) the run captioned.
+        dataset: the COCO dataset (docs/formats.md: COCO dataset) the run captioned.
         out_dir: the folder to write (replaced atomically; must not exist unless ``overwrite``).
         splits: COCO splits to export (default: every split that has outputs).
         tokenizer: tokenizer (object, Hub id or folder) for the token counts; default CLIP's.

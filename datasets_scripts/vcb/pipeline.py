@@ -164,7 +164,7 @@ def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend
         stage: "blendcap", "visualcap" or "holisticcap".
         data: the COCO split (:func:`~.data.load_split`).
         run_dir: output folder (one sub-folder per stage).
-        backend: the model (:func:`~.backends.make_backend`).
+        backend: the model (:func:`~.registry.make_backend`).
         template: the stage's prompt (:func:`~.prompts.load_prompt`).
         ids, limit, shard: selection, see :func:`~.data.select_ids`.
         shard_size, flush_every_s: see :class:`~.store.ShardStore`.
