@@ -161,12 +161,6 @@ def try_load(source: str, timeout: float, max_bytes: int) -> Image.Image | Failu
 # -- model -------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_captioner(name_or_path: str, device: torch.device, dtype: str | torch.dtype | None = None):
     """(model, processor) from our format, or from the authors' release layout (converted).
 
@@ -421,6 +415,8 @@ def main(argv=None) -> int:
                   f"{len(sources)} to go" + (" (an incomplete last row was removed)" if writer.dropped_partial
                                              else ""), file=sys.stderr)
         if sources:
+            from metrics.clip_judge import resolve_device
+
             try:
                 model, processor = load_captioner(args.model, resolve_device(args.device), args.dtype)
             except (OSError, ValueError) as error:

@@ -11,10 +11,10 @@ the paper's batch of 100), SR-LV LoRA (rank 32), sampling at temperature 0.3 up 
 Variants (each in its own process; peak RSS = `ru_maxrss` of that process):
 
 - `ours`: `SRTrainer`, float32: one batched `generate`, judge image embeddings cached across
-  steps, captions embedded in one judge call, the log-prob forward + backward in chunks of 25
-  captions (`logprob_chunk_size`);
-- `ours_bf16`: the same with `--bf16` (sampling and forward/backward in bf16 autocast, judge in
-  bf16; log-softmax, rewards and loss float32);
+  steps, captions embedded in one judge call, the log-prob forward + backward in chunks of
+  `--logprob-chunk-size` captions (SRConfig's default, 10);
+- `ours_bf16`: the same with `--bf16` (sampling and forward/backward in bf16 autocast, one bf16
+  copy of the frozen weights per `generate`, judge in bf16; log-softmax, rewards and loss float32);
 - `ours_unchunked`: `ours` with the whole micro-batch in one forward + backward (as before chunks);
 - `naive`: one `generate` per image, every image re-embedded by the judge at every step and one
   judge call per caption; the forward + backward written out by hand, unchunked;
@@ -83,12 +83,13 @@ def images(n: int, seed: int = 0):
     return [Image.fromarray(rng.integers(0, 255, (256, 320, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def run_ours(args, bf16: bool = False, chunk: int | None = 25) -> dict:
+def run_ours(args, bf16: bool = False, chunk: int | None | str = "args") -> dict:
     import datasets
 
     from trainers import SelfRetrievalReward, SRConfig, SRTrainer, sr_lora_config
 
     model, processor, judge = real_size_parts(judge_dtype="bfloat16" if bf16 else None, device=args.device)
+    chunk = args.logprob_chunk_size if chunk == "args" else chunk
     n = args.bags * args.bag_size
     data = datasets.Dataset.from_dict({"cocoid": list(range(n)), "image": images(n), "captions": [["x"]] * n})
     bags = {args.bag_size: [list(range(i, i + args.bag_size)) for i in range(0, n, args.bag_size)]}
@@ -261,6 +262,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=2, help="SRTrainer steps per variant (the last is reported)")
     parser.add_argument("--naive-steps", type=int, default=1, help="steps of the naive reference (no cache to fill)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--logprob-chunk-size", type=int, default=10,
+                        help="SRConfig.logprob_chunk_size of the ours variants (ours_unchunked: none)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the naive variants run on the CPU only)")
     parser.add_argument("--variants", nargs="+", default=[*VARIANTS, "agreement"],

@@ -136,9 +136,9 @@ def _fingerprint(name: str) -> str | None:
 def _device_and_dtype(device: str | None, dtype: str | None):
     import torch
 
-    from metrics.clip_judge import resolve_dtype
+    from metrics.clip_judge import resolve_device, resolve_dtype
 
-    dev = torch.device(device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     return dev, resolve_dtype(dtype or "auto", dev)
 
 

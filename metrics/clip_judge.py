@@ -462,8 +462,10 @@ class _EmbeddingCache:
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The one reading of a ``--device`` option: None or ``"auto"`` = CUDA when available, else
+    the CPU; anything else (``"cpu"``, ``"cuda:1"``, a torch device) as given."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
@@ -539,7 +541,7 @@ class ClipJudge:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._backend = backend
         self.name = name
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)  # the weights' dtype; embeddings are float32
         # what the embedding cache is keyed by (with the image id); bf16 embeddings are not fp32 ones
         self.cache_key = (cache_key or name) + ("" if self.dtype == torch.float32 else f"@{self.dtype}")

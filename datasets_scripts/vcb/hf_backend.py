@@ -17,16 +17,17 @@ from evaluation.vlm import GenerationSettings, ImageTextToText, decode_new_token
 
 from .backends import Backend, GenRequest, GenResult, merge_system
 
-__all__ = ["TransformersChatBackend", "TransformersVisionBackend", "resolve_device"]
+__all__ = ["TransformersChatBackend", "TransformersVisionBackend", "device_and_dtype"]
 
 
-def resolve_device(device: str = "auto", dtype: str = "auto"):
-    """(torch.device, torch.dtype): "auto" = CUDA (bfloat16, or float16 without bf16) else CPU float32."""
+def device_and_dtype(device: str = "auto", dtype: str = "auto"):
+    """(torch.device, torch.dtype): device as :func:`metrics.clip_judge.resolve_device`; dtype
+    "auto" = bfloat16 on CUDA (float16 without bf16), float32 on the CPU."""
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    from metrics.clip_judge import resolve_device
+
+    dev = resolve_device(device)
     if dtype == "auto":
         if dev.type == "cuda":
             dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -47,7 +48,7 @@ class _HFBase(Backend):
         if system_mode not in ("auto", "system", "merge"):
             raise ValueError(f"system_mode must be auto, system or merge, got {system_mode!r}")
         self.model = model
-        self.device, self.dtype = resolve_device(device, dtype)
+        self.device, self.dtype = device_and_dtype(device, dtype)
         self.batch_size = self.chunk_size = batch_size
         self.generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                              num_beams=num_beams, repetition_penalty=repetition_penalty)
