@@ -19,12 +19,13 @@ project's one image loader when a judge or a captioner needs them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import read_json
 
 from .captions import file_ids, norm_id
 
@@ -174,10 +175,7 @@ def load_references(references: str, split: str = "test", images_dir: str | None
     images, or those of ``images_dir``)."""
     ref_path = Path(references)
     if ref_path.is_file():
-        try:
-            data = json.loads(ref_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{ref_path}: not valid json ({e})") from e
+        data = read_json(ref_path, "references file")
         if not isinstance(data, dict):
             raise ValueError(f"{ref_path}: expected a json object {{id: [reference captions]}}")
         refs = {norm_id(k): ([v] if isinstance(v, str) else list(v)) for k, v in data.items()}

@@ -154,6 +154,6 @@ def match_captions(captions: dict[str, str], known_ids: set[str] | None = None) 
 
 def write_captions(path: str | os.PathLike, captions: dict[str, str]) -> Path:
     """Write ``{id: caption}`` as a json captions file (atomically: a reader never sees half a file)."""
-    from .tables import write_json
+    from common import write_json
 
     return write_json(path, {str(k): v for k, v in captions.items()})

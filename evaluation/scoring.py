@@ -296,7 +296,7 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
                                    "context_length": judge.context_length, "of": len(scored_texts)}
     results["table"] = table
     results["missing"] = missing_all
-    from .tables import json_safe
+    from common import json_safe
 
     return json_safe(results)
 

@@ -31,11 +31,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from common import write_json
+
 from .backends import Backend, GenRequest, GenResult
 from .cleanup import caption_flags, clean_caption
 from .data import CocoSplit, select_ids
 from .prompts import STAGES, PromptTemplate
-from .store import ShardStore, read_records, write_json_atomic
+from .store import ShardStore, read_records
 
 __all__ = ["StageReport", "VCBError", "mark_killed_runs", "run_stage", "stage_records"]
 
@@ -121,7 +123,7 @@ def mark_killed_runs(stage_dir: Path) -> list[str]:
             continue
         manifest["status"] = manifest["report"]["status"] = "killed"
         manifest["killed_noticed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json_atomic(path, manifest)
+        write_json(path, manifest)
         killed.append(manifest.get("run_id", path.stem))
     if killed:
         logger.warning("%s: %d earlier run(s) ended without a final report (killed): %s; their manifests "
@@ -215,7 +217,7 @@ def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend
     mark_killed_runs(stage_dir)
 
     def write_manifest() -> None:
-        write_json_atomic(manifest_path, {
+        write_json(manifest_path, {
             "run_id": run_id, "stage": stage, "status": report.status, "started_at": started,
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "pid": os.getpid(),
             "dataset": data.source, "split": data.split,
