@@ -468,7 +468,8 @@ def test_truematch_problems_are_refused(truematch_src, tmp_path, capsys):
 
 
 def test_holisticcap_is_validated_completed_and_staged(tmp_path):
-    from datasets_scripts.vcb import STAGES, EchoBackend, export_holisticcap, load_prompt, load_split, run_stage
+    from datasets_scripts.vcb import (STAGES, EchoBackend, StageSettings, export_holisticcap, load_prompt, load_split,
+                                      run_stage)
     from tests.test_vcb_support import make_coco
 
     coco = make_coco(tmp_path, {"train": [1, 2, 3, 4], "val": [5, 6], "test": [7]})
@@ -477,7 +478,7 @@ def test_holisticcap_is_validated_completed_and_staged(tmp_path):
     for split in ("train", "val"):
         for stage in STAGES:
             run_stage(stage, load_split(coco, split), run, vlm if stage == "visualcap" else llm, load_prompt(stage),
-                      progress=False)
+                      StageSettings(progress=False))
     tok = tmp_path / "tok"
     tiny.build_tokenizer().save_pretrained(tok)
     src = tmp_path / "holisticcap"

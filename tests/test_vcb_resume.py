@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from datasets_scripts.vcb import (STAGES, EchoBackend, VCBError, load_prompt, load_split, parse_ids, parse_shard,
-                                  read_records, run_stage, select_ids)
+                                  StageSettings, read_records, run_stage, select_ids)
 from tests.test_vcb_support import make_coco
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def coco_path(tmp_path_factory):
 
 def _run_echo(data, out, stages=STAGES, model="echo", **kw):
     be = EchoBackend(model=model, chunk_size=4)
-    return [run_stage(s, data, out, be, load_prompt(s), progress=False, **kw) for s in stages]
+    return [run_stage(s, data, out, be, load_prompt(s), StageSettings(progress=False, **kw)) for s in stages]
 
 
 def _all_lines(out: Path, stage: str) -> list[int]:
