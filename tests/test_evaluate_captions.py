@@ -236,7 +236,7 @@ def test_references_from_coco_dataset_folder(bench, tiny_clip_judge_dir, tmp_pat
     assert ra["rd4"]["eval_set"].endswith("[test] (9 images)")
 
 
-# -- issue 17.7 / 17.8 ----------------------------------------------------------------------------
+# -- edge cases: captions file formats, no NaN in results, a bad bag, a judge that does not load ---
 
 
 def test_duplicate_keys_bom_csv_and_inference_format(tmp_path):

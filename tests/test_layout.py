@@ -1,4 +1,4 @@
-"""The layout's import rules (README "Layout", issue 19): no import cycle between our modules, also
+"""The layout's import rules (README "Layout"): no import cycle between our modules, also
 through imports inside functions; libraries never import a top-level script or demo/; trainers/
 do not import datasets_scripts/; modeling_clipcap/ (the remote code) imports nothing of ours;
 common/ (the small helpers) is the lowest layer: it imports nothing of ours either.

@@ -1,4 +1,4 @@
-"""Clean-up of LLM/VLM outputs (issue 6): a table of real-looking model answers, the caption
+"""Clean-up of LLM/VLM outputs: a table of real-looking model answers, the caption
 each should become, and the flags it should get (flagged outputs are kept, not dropped)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Export of the HolisticCap dataset folder (issue 6): ``load_dataset`` reads it, values and
+"""Export of the HolisticCap dataset folder: ``load_dataset`` reads it, values and
 provenance match the run's records, and the App. A.2 length table matches an independent count."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `openai` backend against a real local HTTP server that injects faults (issue 6):
+"""The `openai` backend against a real local HTTP server that injects faults:
 outputs are correct per id, the reported retries match the injected faults, Retry-After is
 respected, client errors are reported with the id, status and server message."""
 
@@ -198,7 +198,7 @@ def test_cli_openai_backend_wiring(coco, tmp_path, monkeypatch):
 
 def test_trickling_answer_times_out_per_attempt_and_is_retried():
     """A server that sends one byte every 0.5 s never trips httpx's per-read timeout; each attempt
-    still ends at `timeout` (overall), counts as a timeout and is retried (issue 17.1)."""
+    still ends at `timeout` (overall), counts as a timeout and is retried."""
     import json
     import time
 

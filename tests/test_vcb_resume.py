@@ -1,4 +1,4 @@
-"""Scale and resumption of the VCB pipeline (issue 6): SIGKILL at random moments and restart
+"""Scale and resumption of the VCB pipeline: SIGKILL at random moments and restart
 gives every id exactly once; reruns skip finished ids; --limit/--ids/--shard select ids."""
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def _manifests(stage_dir: Path) -> list[dict]:
 
 def test_sigkilled_run_leaves_a_manifest_with_current_counts_then_marked_killed(coco_path, tmp_path):
     """The manifest is rewritten after each shard: a SIGKILL leaves the counts and the retries of
-    what was written (issue 17.8); the next run marks it `killed` and finishes the work."""
+    what was written; the next run marks it `killed` and finishes the work."""
     from tests.test_vcb_support import LLM, FakeOpenAIServer
 
     out = tmp_path / "run"
