@@ -72,18 +72,16 @@ def page_id(table, size: int) -> str:
 
 
 def _thumbnail(image: dict[str, Any], base: Path, size: int) -> bytes:
-    from PIL import Image
+    from metrics.image_loading import open_image
 
     if image.get("bytes") is not None:
-        src = io.BytesIO(image["bytes"])
+        im = open_image(image["bytes"])
     else:
         path = Path(image["path"])
-        src = path if path.is_absolute() else base / path
-    with Image.open(src) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=85)
+        im = open_image(path if path.is_absolute() else base / path)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
 
 

@@ -9,7 +9,6 @@ local models.
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,10 +136,10 @@ class CocoSplit:
         return out
 
     def images(self, ids: list[int]):
-        """Decoded RGB PIL images of each id."""
-        from PIL import Image
+        """Decoded RGB PIL images of each id (the project's one loader: EXIF-orientated, transparency on white)."""
+        from metrics.image_loading import open_image
 
-        return [None if b is None else Image.open(io.BytesIO(b)).convert("RGB") for b in self.image_bytes(ids)]
+        return [None if b is None else open_image(b) for b in self.image_bytes(ids)]
 
 
 def load_split(path: str | Path, split: str = "train") -> CocoSplit:
