@@ -14,6 +14,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from .errors import not_found
+
 __all__ = ["fsync_dir", "json_safe", "read_json", "write_bytes", "write_json", "write_text"]
 
 
@@ -84,7 +86,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", expected: str | 
     path = Path(path)
     hint = f"; expected {expected}" if expected else ""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}{hint}")
+        raise not_found(what, path, hint[2:] or None)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

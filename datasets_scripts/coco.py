@@ -38,7 +38,7 @@ import datasets
 from datasets import DatasetDict, Features, Image, List, Value
 from tqdm.auto import tqdm
 
-from common import read_json, write_json, write_text
+from common import not_found, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -330,8 +330,7 @@ def load_coco(path_or_id: str | os.PathLike, *, cache_dir: str | None = None, **
         return DatasetDict({s: dsd[s] for s in (*SPLITS, "restval") if s in dsd} |
                            {s: d for s, d in dsd.items() if s not in (*SPLITS, "restval")})
     if path.exists() or str(path_or_id).count("/") != 1:
-        raise FileNotFoundError(f"COCO dataset folder not found: {path} "
-                                "(build it with `python -m datasets_scripts.coco`)")
+        raise not_found("COCO dataset folder", path, "build it with `python -m datasets_scripts.coco`")
     try:  # a Hub dataset id such as "user/coco_karpathy"
         return datasets.load_dataset(str(path_or_id), cache_dir=cache_dir, **kwargs)
     except Exception as e:

@@ -34,7 +34,7 @@ from typing import Any, Literal, Sequence
 
 from tqdm.auto import tqdm
 
-from common import read_json, write_json, write_text
+from common import not_found, read_json, write_json, write_text
 from datasets_scripts.truematch import render_card
 
 TEMPLATE = Path(__file__).with_name("templates") / "review.html"
@@ -44,8 +44,7 @@ FORMAT = "ndlb-truematch-review-v1"
 def _parquet_path(truematch_dir: Path, size: int) -> Path:
     files = sorted((truematch_dir / f"bags_{size}").glob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"no bags_{size}/*.parquet in {truematch_dir}; build it with "
-                                "`python -m datasets_scripts.truematch build`")
+        raise not_found(f"bags_{size}/*.parquet", truematch_dir, "build it with `python -m datasets_scripts.truematch build`")
     if len(files) > 1:
         raise ValueError(f"{truematch_dir / f'bags_{size}'} holds {len(files)} parquet files; expected one")
     return files[0]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import read_json
+from common import not_found, read_json
 
 from .captions import file_ids, norm_id
 
@@ -52,7 +52,7 @@ class ImageFolder:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"images folder not found: {self.root}")
+            raise not_found("images folder", self.root)
         self._by_stem: dict[str, Path] = {}
         for dirpath, _, files in sorted(os.walk(self.root)):
             for name in sorted(files):
@@ -158,7 +158,7 @@ def load_truematch(source: str, sizes: list[int], images_dir: str | None = None)
         for s in sizes:
             f = src / f"{s}.json"
             if not f.is_file():
-                raise FileNotFoundError(f"{f} not found (asked for bag size {s}; see --bag-sizes)")
+                raise not_found(f"bags of size {s}", f, "see --bag-sizes")
             for n, bag in enumerate(read_authors_bags(f)):
                 ids = [norm_id(c) for c in bag]
                 bags.append(ids)

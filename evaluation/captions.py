@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from common import not_found
+
 __all__ = ["norm_id", "read_captions", "match_captions", "file_ids", "write_captions", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def read_captions(path: str | os.PathLike) -> dict[str, str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
+        raise not_found("captions file", path)
     records = _records(path)
     pairs: list[tuple[Any, Any]] = []
     if isinstance(records, dict):

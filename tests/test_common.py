@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from common import (format_params, format_table, format_value, json_safe, markdown_table, read_json,
+from common import (format_params, format_table, format_value, json_safe, markdown_table, not_found, read_json,
                     size_category, write_bytes, write_json, write_text)
 
 
@@ -37,6 +37,13 @@ def test_read_json_names_the_file_and_what_was_expected(tmp_path):
         read_json(tmp_path / "bad.json")
     (tmp_path / "ok.json").write_text('{"x": [1]}')
     assert read_json(tmp_path / "ok.json") == {"x": [1]}
+
+
+def test_not_found_says_what_where_and_what_to_do():
+    assert str(not_found("COCO dataset", "/x/coco", "build it with datasets_scripts.coco")) == (
+        "COCO dataset not found: /x/coco; build it with datasets_scripts.coco")
+    assert str(not_found("captions file", "c.json")) == "captions file not found: c.json"
+    assert isinstance(not_found("a", "b"), FileNotFoundError)
 
 
 def test_json_safe_turns_scalars_into_numbers():

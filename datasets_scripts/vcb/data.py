@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from common import not_found
+
 __all__ = ["CocoSplit", "load_dataset_dict", "load_split", "select_ids", "parse_ids", "parse_shard"]
 
 
@@ -60,8 +62,7 @@ def load_dataset_dict(path: str | Path):
 
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"COCO dataset {p} not found; build it with datasets_scripts.coco "
-                                "(format: docs/formats.md)")
+        raise not_found("COCO dataset", p, "build it with datasets_scripts.coco (format: docs/formats.md)")
     if p.is_dir() and (p / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(p))
     if p.is_dir() and (p / "state.json").is_file():
