@@ -44,7 +44,8 @@ FORMAT = "ndlb-truematch-review-v1"
 def _parquet_path(truematch_dir: Path, size: int) -> Path:
     files = sorted((truematch_dir / f"bags_{size}").glob("*.parquet"))
     if not files:
-        raise not_found(f"bags_{size}/*.parquet", truematch_dir, "build it with `python -m datasets_scripts.truematch build`")
+        raise not_found(f"bags_{size}/*.parquet", truematch_dir,
+                        "build it with `python -m datasets_scripts.truematch build`")
     if len(files) > 1:
         raise ValueError(f"{truematch_dir / f'bags_{size}'} holds {len(files)} parquet files; expected one")
     return files[0]

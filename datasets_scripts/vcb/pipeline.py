@@ -207,6 +207,34 @@ def _caption_record(stage: str, res: GenResult, data: CocoSplit, backend: Backen
     return rec
 
 
+def _holisticcap_inputs(run_dir: Path, todo: list[int],
+                        report: StageReport) -> tuple[dict[str, dict[int, dict]], list[int]]:
+    """HolisticCap needs BlendCap and VisualCap of the same id: their records, and the ids of ``todo``
+    that have both (the others are counted in ``report.missing_inputs`` and skipped)."""
+    inputs = {s: stage_records(run_dir, s) for s in ("blendcap", "visualcap")}
+    ready = [c for c in todo if c in inputs["blendcap"] and c in inputs["visualcap"]]
+    report.missing_inputs = len(todo) - len(ready)
+    if report.missing_inputs:
+        logger.warning("holisticcap: %d ids lack blendcap and/or visualcap output and are skipped; run those "
+                       "stages first", report.missing_inputs)
+    return inputs, ready
+
+
+def _manifest(report: StageReport, started: str, data: CocoSplit, backend: Backend, template: PromptTemplate,
+              cfg: StageSettings) -> dict[str, Any]:
+    """The run manifest (``<run_dir>/<stage>/runs/<run_id>.json``) as it stands now."""
+    return {
+        "run_id": report.run_id, "stage": report.stage, "status": report.status, "started_at": started,
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "pid": os.getpid(),
+        "dataset": data.source, "split": data.split,
+        "selection": {"ids": None if cfg.ids is None else len(cfg.ids), "limit": cfg.limit,
+                      "shard": f"{cfg.shard[0]}/{cfg.shard[1]}"},
+        "generation": backend.settings(),
+        "prompt": {"source": template.source, "sha256": template.sha256, "system_mode": cfg.system_mode,
+                   "template": template.canonical()},
+        "report": asdict(report), "versions": _versions(), **(cfg.manifest_extra or {})}
+
+
 def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend, template: PromptTemplate,
               settings: StageSettings | None = None) -> StageReport:
     """Run one VCB stage over the selected ids of ``data`` that ``run_dir`` lacks.
@@ -241,32 +269,16 @@ def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend
     todo = [c for c in selected if c not in done]
     report.done_before = report.selected - len(todo)
 
-    # HolisticCap needs BlendCap and VisualCap of the same id
     inputs: dict[str, dict[int, dict]] = {}
     if stage == "holisticcap":
-        inputs = {s: stage_records(run_dir, s) for s in ("blendcap", "visualcap")}
-        ready = [c for c in todo if c in inputs["blendcap"] and c in inputs["visualcap"]]
-        report.missing_inputs = len(todo) - len(ready)
-        if report.missing_inputs:
-            logger.warning("holisticcap: %d ids lack blendcap and/or visualcap output and are skipped; run those "
-                           "stages first", report.missing_inputs)
-        todo = ready
+        inputs, todo = _holisticcap_inputs(run_dir, todo, report)
 
     manifest_path = stage_dir / "runs" / f"{run_id}.json"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     mark_killed_runs(stage_dir)
 
     def write_manifest() -> None:
-        write_json(manifest_path, {
-            "run_id": run_id, "stage": stage, "status": report.status, "started_at": started,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "pid": os.getpid(),
-            "dataset": data.source, "split": data.split,
-            "selection": {"ids": None if cfg.ids is None else len(cfg.ids), "limit": cfg.limit,
-                          "shard": f"{cfg.shard[0]}/{cfg.shard[1]}"},
-            "generation": backend.settings(),
-            "prompt": {"source": template.source, "sha256": template.sha256, "system_mode": cfg.system_mode,
-                       "template": template.canonical()},
-            "report": asdict(report), "versions": _versions(), **(cfg.manifest_extra or {})})
+        write_json(manifest_path, _manifest(report, started, data, backend, template, cfg))
 
     retries_before = Counter(backend.retry_counts)
     flag_counts: Counter[str] = Counter()
