@@ -550,7 +550,7 @@ def score_captions(captions: list[str], split, bags: list[list[str]], judge, num
     row = {k.replace("recall_at_1_bag_", "truematch_r1_"): 100.0 * v for k, v in tm.items()
            if k.startswith("recall_at_1_bag_")}
     row["random_r1"] = 100.0 * rd["recall_at_1"]
-    row["clip_score"] = rd["clip_score"]
+    row["clip_score"] = rd["clipsc"]
     return row
 
 
