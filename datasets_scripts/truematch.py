@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modeling_clipcap.model_card import NDLB_CITATION
+from publishing.citations import NDLB as NDLB_CITATION
 from trainers.bags import check_distinct_bag
 
 logger = logging.getLogger(__name__)

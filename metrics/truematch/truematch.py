@@ -10,20 +10,14 @@ import evaluate
 import torch
 
 from .caption_metric import CaptionMetric, split_missing
+from .citations import NDLB
 from .clip_judge import DEFAULT_JUDGE, bag_recall_at_1, clip_s, get_judge, resolve_image_embeddings, similarity
 # evaluate.load copies only the siblings a module script imports itself: clip_judge.py needs this one
 from .image_loading import open_image
 
 __all__ = ["Truematch"]
 
-_CITATION = """\
-@article{gaur2024detect,
-  title   = {No Detail Left Behind: Revisiting Self-Retrieval for Fine-Grained Image Captioning},
-  author  = {Gaur, Manu and Darshan Singh S and Tapaswi, Makarand},
-  journal = {Transactions on Machine Learning Research},
-  year    = {2025}
-}
-"""
+_CITATION = NDLB + "\n"
 
 _DESCRIPTION = """\
 TrueMatch evaluates whether captions are fine-grained enough to pick their own image out of a bag

@@ -1,0 +1,1 @@
+../citations.py
