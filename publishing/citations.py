@@ -1,10 +1,12 @@
 """The BibTeX entries this project cites, defined once.
 
-Model cards (`publishing.model_card`), dataset cards (`publishing.datasets`,
-`datasets_scripts.truematch`) and the evaluate metric modules use these strings. The metric modules
-may import only files of their own folder, so ``metrics/<name>/citations.py`` are symbolic links to
-this file (through ``metrics/citations.py``), like ``image_loading.py``; this file imports nothing.
-The NDLB entry is the authors' (README of ``manugaurdl/no-detail-left-behind``, arXiv:2409.03025).
+Model cards (:mod:`publishing.model_card`), dataset cards (:mod:`publishing.dataset_staging`,
+``datasets_scripts.truematch``) and the README cite these strings. The evaluate metric modules
+(``metrics/<name>/``) are loaded standalone by ``evaluate.load(path)`` and may import only files of
+their own folder, so they carry a vendored copy in their ``_CITATION`` (and their README):
+:data:`METRIC_CITATIONS` says which entries each one cites, :func:`bibtex` writes the text, and
+``tests/test_citations.py`` checks that every copy equals it. The NDLB entry is the authors'
+(README of ``manugaurdl/no-detail-left-behind``, arXiv:2409.03025).
 """
 
 NDLB = """@article{gaur2024detect,
@@ -36,4 +38,13 @@ BLEU = """@inproceedings{papineni2002bleu,
   year      = {2002}
 }"""
 
-__all__ = ["BLEU", "CIDER", "COCO", "NDLB"]
+# The entries each metric module's `_CITATION` holds, in order (vendored copies: see the module docstring).
+METRIC_CITATIONS = {"cider_d": (CIDER, BLEU, NDLB), "truematch": (NDLB,)}
+
+
+def bibtex(*entries: str) -> str:
+    """The BibTeX text of `entries`, one per line block, ending with a newline (a `_CITATION` value)."""
+    return "\n".join(entries) + "\n"
+
+
+__all__ = ["BLEU", "CIDER", "COCO", "METRIC_CITATIONS", "NDLB", "bibtex"]

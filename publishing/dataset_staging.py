@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 from huggingface_hub import DatasetCard
 
+from common import size_category
+
 from . import citations
 from .hub import PublishError
 
@@ -112,13 +114,6 @@ def files_matching(src: Path, pattern: str) -> list[Path]:
 
 def has_section(body: str, *titles: str) -> bool:
     return any(re.search(rf"^#+\s*{t}\b", body, flags=re.IGNORECASE | re.MULTILINE) for t in titles)
-
-
-def size_category(n: int) -> str:
-    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if n < limit:
-            return name
-    return "1M<n<10M"
 
 
 # -- dataset kinds --------------------------------------------------------------------------------
@@ -446,4 +441,4 @@ def stage_dataset(kind_name: str, src: str | os.PathLike, out: str | os.PathLike
     return report
 
 
-__all__ = ["KINDS", "Kind", "Report", "complete_card", "scrub_paths", "size_category", "stage_dataset", "validate"]
+__all__ = ["KINDS", "Kind", "Report", "complete_card", "scrub_paths", "stage_dataset", "validate"]

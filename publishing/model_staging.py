@@ -28,13 +28,9 @@ from pathlib import Path
 
 from .hub import PublishError
 
-logger = logging.getLogger("upload_model")
+logger = logging.getLogger(__name__)
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
-
-
-class UploadError(PublishError):
-    """A problem with the inputs, reported as one clear message (exit status 1)."""
 
 
 @dataclass
@@ -75,7 +71,7 @@ def convert_release(src: str, workdir: Path, args: argparse.Namespace) -> Source
                            vision_heads=args.vision_heads, text_heads=args.text_heads,
                            mapper_heads=args.mapper_heads, overwrite=True)
     except ConversionError as err:
-        raise UploadError(f"--from-ndlb {src}: {err}") from err
+        raise PublishError(f"--from-ndlb {src}: {err}") from err
     name = _public_name(src)
     return Source(out, "ndlb", name, processor_folder=out, notes=[
         f"Converted from the authors' release `{name}` with `modeling_clipcap.convert_ndlb` (OpenAI-layout CLIP "
@@ -93,17 +89,17 @@ def merge_lora(folder: Path, workdir: Path, base: str | None) -> Source:
     adapter = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     base = base or adapter.get("base_model_name_or_path")
     if not base:
-        raise UploadError(f"{folder} is a LoRA adapter checkpoint whose adapter_config.json names no base model; "
+        raise PublishError(f"{folder} is a LoRA adapter checkpoint whose adapter_config.json names no base model; "
                           "pass --lora-base with the ClipCap folder or Hub id the adapters were trained on.")
     try:
         model = ClipCapForCaptioning.from_pretrained(base)
     except (OSError, ValueError) as err:
-        raise UploadError(f"cannot load the LoRA base model {base!r} of {folder} ({type(err).__name__}: "
+        raise PublishError(f"cannot load the LoRA base model {base!r} of {folder} ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); pass --lora-base DIR_OR_ID.") from err
     try:
         merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise UploadError(f"cannot apply the adapters in {folder} to {base!r} ({type(err).__name__}: {err}); is "
+        raise PublishError(f"cannot apply the adapters in {folder} to {base!r} ({type(err).__name__}: {err}); is "
                           "--lora-base the model they were trained on?") from err
     out = workdir / "merged"
     merged.save_pretrained(out)
@@ -122,24 +118,24 @@ def resolve_checkpoint(args: argparse.Namespace, workdir: Path) -> Source:
         return convert_release(args.from_ndlb, workdir, args)
     folder = Path(args.checkpoint)
     if not folder.is_dir():
-        raise UploadError(f"--checkpoint {folder}: no such folder.")
+        raise PublishError(f"--checkpoint {folder}: no such folder.")
     from modeling_clipcap.convert_ndlb import is_release_folder
 
     if (folder / "adapter_config.json").is_file():
         return merge_lora(folder, workdir, args.lora_base)
     if is_release_folder(folder):
-        raise UploadError(f"--checkpoint {folder} is in the authors' NDLB release layout; use --from-ndlb {folder} "
+        raise PublishError(f"--checkpoint {folder} is in the authors' NDLB release layout; use --from-ndlb {folder} "
                           "(it converts the release first).")
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise UploadError(f"--checkpoint {folder} has no config.json: expected a folder saved with save_pretrained, a "
+        raise PublishError(f"--checkpoint {folder} has no config.json: expected a folder saved with save_pretrained, a "
                           "Trainer checkpoint-N folder or a LoRA adapter checkpoint (adapter_config.json).")
     try:
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise UploadError(f"{config_path} is not a valid JSON config ({err}).") from err
+        raise PublishError(f"{config_path} is not a valid JSON config ({err}).") from err
     if model_type != "clipcap":
-        raise UploadError(f"{config_path} has model_type {model_type!r}; this script publishes ClipCap models "
+        raise PublishError(f"{config_path} has model_type {model_type!r}; this script publishes ClipCap models "
                           "(model_type 'clipcap').")
     kind = "trainer-checkpoint" if (folder / "trainer_state.json").is_file() else "model"
     training = folder if kind == "trainer-checkpoint" else (
@@ -157,16 +153,16 @@ def load_source(source: Source, processor: str | None):
     try:
         model = ClipCapForCaptioning.from_pretrained(source.folder).eval()
     except (OSError, ValueError) as err:
-        raise UploadError(f"cannot load the model in {source.folder} ({type(err).__name__}: "
+        raise PublishError(f"cannot load the model in {source.folder} ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}).") from err
     where = processor or source.processor_folder
     if where is None or (Path(str(where)).is_dir() and not _has_processor(Path(str(where)))):
-        raise UploadError(f"{source.name} has no processor files ({', '.join(PROCESSOR_FILES[:2])}, tokenizer); pass "
+        raise PublishError(f"{source.name} has no processor files ({', '.join(PROCESSOR_FILES[:2])}, tokenizer); pass "
                           "--processor with the folder or Hub id of the ClipCap processor it was trained with.")
     try:
         proc = AutoProcessor.from_pretrained(str(where))
     except (OSError, ValueError) as err:
-        raise UploadError(f"cannot load the processor from {where} ({type(err).__name__}: "
+        raise PublishError(f"cannot load the processor from {where} ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); pass --processor.") from err
     return model, proc
 
@@ -176,22 +172,18 @@ def load_source(source: Source, processor: str | None):
 
 def save_model_folder(model, processor, folder: Path) -> None:
     """Weights (safetensors), config with auto_map + custom_pipelines, remote code (configuration,
-    modeling, processing, pipeline) and processor files."""
-    from transformers.dynamic_module_utils import custom_object_save
-
+    modeling, processing, pipeline) and processor files: a plain ``save_pretrained`` of each (the
+    save hook of ``modeling_clipcap`` writes the remote-code entries), checked."""
     from modeling_clipcap import AUTO_MAP
-    from modeling_clipcap.pipeline_clipcap import ClipCapCaptioningPipeline, custom_pipelines_entry
 
-    model.config.custom_pipelines = custom_pipelines_entry()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    custom_object_save(ClipCapCaptioningPipeline, folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     expected = {"configuration_clipcap.py", "modeling_clipcap.py", "processing_clipcap.py", "pipeline_clipcap.py",
                 "image_loading.py", "model.safetensors", "config.json", "generation_config.json"}
     missing = sorted(n for n in expected if not (folder / n).is_file())
     if missing or config.get("auto_map") != AUTO_MAP or "custom_pipelines" not in config:
-        raise UploadError(f"the staged folder is incomplete (missing {missing or 'auto_map/custom_pipelines'}); "
+        raise PublishError(f"the staged folder is incomplete (missing {missing or 'auto_map/custom_pipelines'}); "
                           "this is a bug in publishing/model_staging.py.")
 
 
@@ -208,7 +200,7 @@ def check_weights(model, folder: Path) -> None:
                                                             and "language_model.transformer.wte.weight" in staged)]
     different = [k for k in state if k in staged and not torch.equal(state[k].cpu(), staged[k])]
     if absent or different:
-        raise UploadError(f"the staged weights differ from the checkpoint (absent: {absent[:5]}, different: "
+        raise PublishError(f"the staged weights differ from the checkpoint (absent: {absent[:5]}, different: "
                           f"{different[:5]}); nothing was pushed.")
 
 
@@ -223,7 +215,7 @@ def _read_notes(value: str | None) -> str | None:
     if is_file:
         return path.read_text(encoding="utf-8")
     if "\n" not in value and path.suffix.lower() in (".md", ".txt"):
-        raise UploadError(f"--training-notes {path}: no such file.")
+        raise PublishError(f"--training-notes {path}: no such file.")
     return value
 
 
@@ -233,7 +225,7 @@ def build_card(model, source: Source, args: argparse.Namespace) -> str:
     try:
         results = [load_eval_results(p) for p in args.eval_results or []]
     except (FileNotFoundError, ValueError) as err:
-        raise UploadError(str(err)) from err
+        raise PublishError(str(err)) from err
     names = [Path(p).stem for p in args.eval_results or []]
     training = read_training_info(source.training_folder) if source.training_folder else {}
     notes = _read_notes(args.training_notes)
@@ -286,5 +278,5 @@ def default_commit_message(args: argparse.Namespace) -> str:
     return f"Upload ClipCap captioner from {what} with remote code, image-to-text pipeline and model card"
 
 
-__all__ = ["Source", "UploadError", "build_card", "check_weights", "default_commit_message", "load_source",
+__all__ = ["Source", "build_card", "check_weights", "default_commit_message", "load_source",
            "merge_lora", "resolve_checkpoint", "save_model_folder", "stage"]

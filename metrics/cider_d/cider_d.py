@@ -32,7 +32,6 @@ import pycocoevalcap
 
 from .bleu import bleu
 from .caption_metric import CaptionMetric, split_missing
-from .citations import BLEU, CIDER, NDLB
 from .cider import CiderD as CiderDScorer
 from .cider import cider_d
 from .ptb_lexer_tables import load_tables
@@ -42,7 +41,28 @@ from .ptb_tokenizer import ptb_tokenize
 # the table loader next to this script
 _REQUIREMENTS = (pycocoevalcap, load_tables)
 
-_CITATION = "\n".join([CIDER, BLEU, NDLB]) + "\n"
+# A vendored copy of publishing.citations.bibtex(*METRIC_CITATIONS["cider_d"]) (this module loads
+# standalone); tests/test_citations.py checks that the two are equal.
+_CITATION = """\
+@inproceedings{vedantam2015cider,
+  title     = {CIDEr: Consensus-based Image Description Evaluation},
+  author    = {Vedantam, Ramakrishna and Zitnick, C. Lawrence and Parikh, Devi},
+  booktitle = {CVPR},
+  year      = {2015}
+}
+@inproceedings{papineni2002bleu,
+  title     = {BLEU: a Method for Automatic Evaluation of Machine Translation},
+  author    = {Papineni, Kishore and Roukos, Salim and Ward, Todd and Zhu, Wei-Jing},
+  booktitle = {ACL},
+  year      = {2002}
+}
+@article{gaur2024detect,
+  title   = {No Detail Left Behind: Revisiting Self-Retrieval for Fine-Grained Image Captioning},
+  author  = {Gaur, Manu and Singh S, Darshan and Tapaswi, Makarand},
+  journal = {arXiv preprint arXiv:2409.03025},
+  year    = {2024}
+}
+"""
 
 _DESCRIPTION = """\
 CIDEr-D (Vedantam et al., 2015) and BLEU-1..4 of image captions, identical to the COCO caption

@@ -10,14 +10,22 @@ import evaluate
 import torch
 
 from .caption_metric import CaptionMetric, split_missing
-from .citations import NDLB
 from .clip_judge import DEFAULT_JUDGE, bag_recall_at_1, clip_s, get_judge, resolve_image_embeddings, similarity
 # evaluate.load copies only the siblings a module script imports itself: clip_judge.py needs this one
 from .image_loading import open_image
 
 __all__ = ["Truematch"]
 
-_CITATION = NDLB + "\n"
+# A vendored copy of publishing.citations.bibtex(*METRIC_CITATIONS["truematch"]) (this module loads
+# standalone); tests/test_citations.py checks that the two are equal.
+_CITATION = """\
+@article{gaur2024detect,
+  title   = {No Detail Left Behind: Revisiting Self-Retrieval for Fine-Grained Image Captioning},
+  author  = {Gaur, Manu and Singh S, Darshan and Tapaswi, Makarand},
+  journal = {arXiv preprint arXiv:2409.03025},
+  year    = {2024}
+}
+"""
 
 _DESCRIPTION = """\
 TrueMatch evaluates whether captions are fine-grained enough to pick their own image out of a bag

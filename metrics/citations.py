@@ -1,1 +1,0 @@
-../publishing/citations.py
