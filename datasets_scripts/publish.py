@@ -5,24 +5,14 @@
     python -m datasets_scripts.publish truematch --src truematch/ --repo-id USER/truematch --dry-run staged/
 
 The source folders are those written by ``python -m datasets_scripts.truematch build`` (or
-``datasets_scripts.review_bags apply``) and ``python -m datasets_scripts.vcb export``. Before
-anything is pushed, every config of the card's YAML ``configs:`` is loaded with
-``datasets.load_dataset(folder, config)`` and checked (required columns and types; TrueMatch:
-bags of the config's size, images embedded in the parquet files, no image in two bags of a
-config, the authors' ``{s}.json`` in agreement; HolisticCap: one row per COCO id, the ``split``
-column matching the split). The card is then completed where needed: licence metadata,
-``dataset_info`` (features, splits, sizes) from the loaded data, size category, and the sections
-"How it was built", "Licence" (COCO images: Flickr terms of use; COCO annotations: CC BY 4.0) and
-"Citation". Machine paths are replaced by their last component in the card and JSON side files.
+``datasets_scripts.review_bags apply``) and ``python -m datasets_scripts.vcb export``. Every config
+is loaded with ``datasets.load_dataset`` and checked before anything is pushed, the dataset card is
+completed (licences, ``dataset_info``, citation), and the staged folder is pushed as a dataset
+repository in one commit. Log in first (``hf auth login``) or set ``HF_TOKEN``.
 
-The staged folder holds only the card, the configs' parquet files and the known side files
-(TrueMatch: ``{s}.json``, ``alpha_{s}.json``, ``mining_info.json``, ``review/``; HolisticCap:
-``token_stats.*``, ``runs.json``), never caches. It is pushed as a dataset repository in one
-commit (``HfApi.create_repo(exist_ok=True)``, ``create_branch`` with ``--revision``,
-``upload_folder``). Log in first (``hf auth login``) or set ``HF_TOKEN``.
-
-This is the command line only: validation, card and staging are ``publishing.dataset_staging``,
-the push options and the push ``publishing.hub`` (shared with ``upload_model.py``).
+This is the command line only: validation, card and staging are ``publishing.dataset_staging``
+(its docstring says what is checked and staged), the push options and the push ``publishing.hub``
+(shared with ``upload_model.py``).
 """
 
 from __future__ import annotations
