@@ -22,7 +22,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from .citations import NDLB as NDLB_CITATION
+from .citations import NDLB
 
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 DEFAULT_TAGS = ["image-captioning", "clipcap", "self-retrieval", "fine-grained", "ndlb", "custom_code"]
@@ -352,13 +352,12 @@ def render_model_card(
         project_ref=f"the [project repository]({project_url})" if project_url else "the project repository",
         evaluation=evaluation_markdown(results_list, results_names),
         training=training_markdown(training_info or {}, training_notes), license_text=license_text.strip(),
-        citation=NDLB_CITATION,
+        citation=NDLB,
     )
     return string.Template(TEMPLATE.read_text(encoding="utf-8")).substitute(fields)
 
 
 __all__ = [
-    "NDLB_CITATION",
     "architecture_rows",
     "display_name",
     "eval_results",
