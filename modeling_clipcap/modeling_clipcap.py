@@ -185,7 +185,8 @@ class ClipCapPreTrainedModel(PreTrainedModel):
     # Called as `hook(model, save_directory)` by `save_pretrained` before transformers writes the folder
     # (on the saving rank). In this repository `import modeling_clipcap` adds the one that writes the
     # folder's remote-code entries (`modeling_clipcap.AUTO_MAP`, the "image-to-text" pipeline and its
-    # file); a process that loaded this file as remote code has none, and its config keeps the entries.
+    # file). A process that loaded this file as remote code has none: its config keeps the entries, and
+    # `pipeline.save_pretrained` (not the model's alone) copies the pipeline's file there.
     save_hooks: ClassVar[list[Callable[[PreTrainedModel, str | os.PathLike], None]]] = []
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:

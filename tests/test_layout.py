@@ -114,3 +114,9 @@ def test_imports_point_one_way():
         if pkg == "publishing" and top & {"trainers", "datasets_scripts"}:
             bad.append(f"{name} imports {sorted(top & {'trainers', 'datasets_scripts'})}")
     assert bad == []
+
+
+def test_the_model_does_not_import_its_pipeline():
+    graph = _graph()
+    assert "modeling_clipcap.pipeline_clipcap" not in graph["modeling_clipcap.modeling_clipcap"]
+    assert "modeling_clipcap.pipeline_clipcap" in graph["modeling_clipcap"]  # the package registers it

@@ -68,6 +68,16 @@ def test_plain_save_pretrained_writes_what_an_upload_writes(tiny_clipcap_dir, to
         "AutoProcessor": AUTO_MAP["AutoProcessor"]}
 
 
+def test_the_model_leaves_its_config_alone_and_a_save_writes_the_entries(tokenizer, tmp_path):
+    model, _ = tiny.build_tiny_clipcap(tokenizer)
+    assert getattr(model.config, "auto_map", None) is None
+    assert getattr(model.config, "custom_pipelines", None) is None
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"] == AUTO_MAP and set(saved["custom_pipelines"]) == {"image-to-text"}
+    assert (tmp_path / "pipeline_clipcap.py").is_file()
+
+
 FRESH = """
 import json, sys, torch, transformers
 from transformers import pipeline
