@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from modeling_clipcap.model_card import NDLB_CITATION
+from publishing.citations import NDLB as NDLB_CITATION
 from common import read_json, size_category, write_bytes, write_json, write_text
 from datasets_scripts.truematch_mining import (DEFAULT_MAX_BLOCK_BYTES, auto_block_size, bags_from_knn,
                                                candidate_bags, curate, knn, knn_reference, lo_bits,

@@ -23,7 +23,8 @@ from PIL import Image
 import upload_model
 from datasets_scripts import publish
 from modeling_clipcap import ClipCapConfig, ClipCapForCaptioning
-from modeling_clipcap.model_card import infer_base_models
+from publishing import hub
+from publishing.model_card import infer_base_models
 from tests import tiny
 from tests.test_converters import HEAD_ARGS, AuthorsSender, write_release
 from tests.test_pipeline import distinct_images, perturbed_clipcap
@@ -91,7 +92,7 @@ class RecordingHfApi:
 @pytest.fixture
 def fake_hub(monkeypatch):
     RecordingHfApi.calls = []
-    monkeypatch.setattr(publish, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(hub, "HfApi", RecordingHfApi)
     return RecordingHfApi
 
 

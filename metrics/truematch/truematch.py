@@ -16,12 +16,14 @@ from .image_loading import open_image
 
 __all__ = ["Truematch"]
 
+# A vendored copy of publishing.citations.bibtex(*METRIC_CITATIONS["truematch"]) (this module loads
+# standalone); tests/test_citations.py checks that the two are equal.
 _CITATION = """\
 @article{gaur2024detect,
   title   = {No Detail Left Behind: Revisiting Self-Retrieval for Fine-Grained Image Captioning},
-  author  = {Gaur, Manu and Darshan Singh S and Tapaswi, Makarand},
-  journal = {Transactions on Machine Learning Research},
-  year    = {2025}
+  author  = {Gaur, Manu and Singh S, Darshan and Tapaswi, Makarand},
+  journal = {arXiv preprint arXiv:2409.03025},
+  year    = {2024}
 }
 """
 
