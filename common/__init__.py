@@ -7,7 +7,7 @@ The lowest layer: it imports nothing of ours (only the standard library), so tha
 import it. `modeling_clipcap/` (the remote code) still does not: it imports nothing of ours."""
 
 from .errors import not_found
-from .files import fsync_dir, json_safe, read_json, write_bytes, write_json, write_text
+from .files import fsync_dir, json_safe, read_json, staged_dir, write_bytes, write_json, write_text
 from .hub import size_category
 from .tables import format_params, format_table, format_value, markdown_table
 

@@ -7,16 +7,18 @@ rename is durable once the call returns)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import not_found
 
-__all__ = ["fsync_dir", "json_safe", "read_json", "write_bytes", "write_json", "write_text"]
+__all__ = ["fsync_dir", "json_safe", "read_json", "staged_dir", "write_bytes", "write_json", "write_text"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -31,6 +33,24 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out``, filled by the ``with`` block; when the block ends
+    without an error it replaces ``out`` (an old ``out`` is removed first), else it is removed and
+    ``out`` stays as it was."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from huggingface_hub import DatasetCard
 
-from common import size_category
+from common import size_category, staged_dir
 
 from . import citations
 from .hub import PublishError
@@ -404,10 +404,7 @@ def stage_dataset(kind_name: str, src: str | os.PathLike, out: str | os.PathLike
     files = {p for config in card.data.to_dict()["configs"] for _, pattern in config_patterns(config)
              for p in files_matching(src, pattern)}
     side = {p for pattern in kind.side_files for p in files_matching(src, pattern)}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         for path in sorted(files):
             _link_or_copy(path, tmp / path.relative_to(src))
         for path in sorted(side - files):
@@ -422,11 +419,6 @@ def stage_dataset(kind_name: str, src: str | os.PathLike, out: str | os.PathLike
             else:
                 dst.write_text(scrub_paths(path.read_text(encoding="utf-8")), encoding="utf-8")
         (tmp / "README.md").write_text(text, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     left = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file() and p not in files | side
                   and p.name != "README.md")
     report.facts["changes"] = changes

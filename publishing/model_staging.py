@@ -22,9 +22,10 @@ import argparse
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common import staged_dir
 
 from .hub import PublishError
 
@@ -256,18 +257,10 @@ def stage(args: argparse.Namespace, out: Path, workdir: Path) -> Path:
     source = resolve_checkpoint(args, workdir)
     model, processor = load_source(source, args.processor)
     card = build_card(model, source, args)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         save_model_folder(model, processor, tmp)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         check_weights(model, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Staged %s (%s) in %s: %s", source.name, source.kind, out, ", ".join(sorted(os.listdir(out))))
     return out
 
