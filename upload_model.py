@@ -84,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from publishing.model_staging import default_commit_message, stage
+    from publishing.model_staging import CardOptions, CheckpointOptions, default_commit_message, stage
+
+    checkpoint = CheckpointOptions.from_args(args)
 
     def stage_model(out: Path, workdir: Path) -> str:
-        stage(args, out, workdir)
-        return default_commit_message(args)
+        stage(checkpoint, CardOptions.from_args(args), out, workdir)
+        return default_commit_message(checkpoint)
 
     return publish_folder(PushOptions.from_args(args), repo_type="model", stage=stage_model, check_dry_run=True,
                           dry_run_note=" Push with the same command without --dry-run.")

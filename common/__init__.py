@@ -11,5 +11,5 @@ from .files import fsync_dir, json_safe, read_json, staged_dir, write_bytes, wri
 from .hub import size_category
 from .tables import format_params, format_table, format_value, markdown_table
 
-__all__ = ["not_found", "fsync_dir", "json_safe", "read_json", "write_bytes", "write_json", "write_text",
+__all__ = ["not_found", "fsync_dir", "json_safe", "read_json", "staged_dir", "write_bytes", "write_json", "write_text",
            "size_category", "format_params", "format_table", "format_value", "markdown_table"]

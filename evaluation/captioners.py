@@ -134,8 +134,6 @@ def _fingerprint(name: str) -> str | None:
 
 
 def _device_and_dtype(device: str | None, dtype: str | None):
-    import torch
-
     from metrics.clip_judge import resolve_device, resolve_dtype
 
     dev = resolve_device(device)

@@ -199,6 +199,9 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
     """
     results: dict[str, Any] = {"captions_file": str(captions_file), "num_captions_in_file": len(captions)}
     table: dict[str, float | int | None] = {}
+    # what each table column measures ({"benchmark", "metric", and "bag_size" / "num_distractors"}):
+    # readers such as the model card use this instead of parsing the column names
+    columns: dict[str, dict[str, Any]] = {}
     missing_all: dict[str, list] = {}
     captions = match_captions(captions, data.known_ids())
     eval_set = data.eval_set(list(captions))
@@ -230,6 +233,7 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
         missing_all["truematch"] = out["missing"]
         for s in tm.sizes:
             table[f"TM #{s}"] = _pct(out.get(f"recall_at_1_bag_{s}"))
+            columns[f"TM #{s}"] = {"benchmark": "truematch", "metric": "recall_at_1", "bag_size": s}
 
     ids = eval_set.ids if eval_set is not None else None
     if wanted & {"rd100", "clipscore"}:
@@ -247,6 +251,8 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
         missing_all[f"rd{k + 1}"] = out["missing"]
         table[f"RD{k + 1}"] = _pct(out["recall_at_1"])
         table["ClipSc"] = out["clipsc"]
+        columns[f"RD{k + 1}"] = {"benchmark": "coco", "metric": "recall_at_1", "num_distractors": k}
+        columns["ClipSc"] = {"benchmark": "coco", "metric": "clipsc", "num_distractors": k}
 
     if "clipscore" in wanted:
         refs = eval_set.references
@@ -257,8 +263,10 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
         results["clipscore"] = {**out, "eval_set": eval_set.source}
         missing_all["clipscore"] = out["missing"]
         table["CLIP-S"] = _pct(out["clip_score"])
+        columns["CLIP-S"] = {"benchmark": "coco", "metric": "clip_score"}
         if "refclip_score" in out:
             table["RefCLIP-S"] = _pct(out["refclip_score"])
+            columns["RefCLIP-S"] = {"benchmark": "coco", "metric": "refclip_score"}
 
     if "imagecode" in wanted:
         out = load_metric("self_retrieval").compute(
@@ -268,6 +276,7 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
         results["imagecode"] = out
         missing_all["imagecode"] = out["missing"]
         table["ImageCoDe"] = _pct(out["recall_at_1"])
+        columns["ImageCoDe"] = {"benchmark": "imagecode", "metric": "recall_at_1"}
 
     if "nlg" in wanted:
         refs = eval_set.references
@@ -283,6 +292,8 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
         missing_all["nlg"] = missing
         table["CIDEr"] = _pct(out["cider"])
         table["BLEU-4"] = _pct(out["bleu_4"])
+        columns["CIDEr"] = {"benchmark": "coco", "metric": "cider_d"}
+        columns["BLEU-4"] = {"benchmark": "coco", "metric": "bleu_4"}
 
     vocab_ids = ids if ids is not None else list(captions)
     scored = [captions[i] for i in vocab_ids if i in captions]
@@ -290,11 +301,14 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
     vocab["over"] = eval_set.source if ids is not None else "all captions in the file"
     results["vocabulary"] = vocab
     table.update({"vocab": vocab["vocab_size"], "words>=5": vocab["words_ge5"], "mean len": vocab["mean_length"]})
+    columns.update({k: {"benchmark": None, "metric": m} for k, m in
+                    (("vocab", "vocab_size"), ("words>=5", "words_ge5"), ("mean len", "mean_length"))})
     if judge is not None and not isinstance(judge, JudgeSettings):
         scored_texts = [c for k, c in captions.items() if k in used]
         results["over_context"] = {"count": count_over_context(judge, scored_texts),
                                    "context_length": judge.context_length, "of": len(scored_texts)}
     results["table"] = table
+    results["columns"] = columns
     results["missing"] = missing_all
     from common import json_safe
 

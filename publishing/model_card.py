@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import string
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,7 @@ def _finite(value: Any) -> bool:
 
 def load_eval_results(path: str | os.PathLike) -> dict[str, Any]:
     """Read a results JSON written by ``evaluate_captions.py --output`` (it must hold a "table"
-    object: column name -> value, R@1 and NLG scores in %)."""
+    object: column name -> value, R@1 and NLG scores in %, and "columns": what each column measures)."""
     path = Path(path)
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
@@ -79,6 +78,10 @@ def load_eval_results(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(results, dict) or not isinstance(results.get("table"), dict):
         raise ValueError(f"--eval-results {path}: not an evaluate_captions.py results file (no 'table' object); "
                          "write one with `python evaluate_captions.py ... --output results.json`.")
+    if not isinstance(results.get("columns"), dict):
+        raise ValueError(f"--eval-results {path}: no 'columns' object (what each table column measures); the file "
+                         "was written by an older evaluate_captions.py: re-run `python evaluate_captions.py ... "
+                         "--output results.json` to write one.")
     return results
 
 
@@ -87,7 +90,8 @@ def load_eval_results(path: str | os.PathLike) -> dict[str, Any]:
 
 def metric_entries(results: dict[str, Any], dataset_ids: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The model-index entries of one evaluate_captions.py results dict, one per scored column of
-    its "table" (vocabulary statistics are not benchmark results and are left out).
+    its "table", read from what its "columns" says each column measures (vocabulary statistics
+    are not benchmark results and are left out).
 
     `dataset_ids` maps "truematch", "coco" and "imagecode" to the Hub dataset ids to cite as each
     benchmark's `dataset.type` (defaults: those names)."""
@@ -97,30 +101,32 @@ def metric_entries(results: dict[str, Any], dataset_ids: dict[str, str] | None =
     coco = dict(dataset_type=ids["coco"], dataset_name="COCO (Karpathy test split)", dataset_split="test")
     out = []
     for key, value in results["table"].items():
-        if not _finite(value):
+        column = results["columns"].get(key, {})
+        benchmark, metric = column.get("benchmark"), column.get("metric")
+        if not _finite(value) or benchmark is None:
             continue
         entry: dict[str, Any]
-        if m := re.fullmatch(r"TM #(\d+)", key):
-            size = int(m.group(1))
+        if benchmark == "truematch":
+            size = column["bag_size"]
             entry = dict(dataset_type=ids["truematch"], dataset_name=f"TrueMatch (bags of {size})",
                          dataset_config=f"bags_{size}", dataset_split="test", metric_type="recall",
                          metric_name=f"TrueMatch #{size} R@1", metric_args=args)
-        elif m := re.fullmatch(r"RD(\d+)", key):
-            entry = dict(**coco, metric_type="recall", metric_name=f"RD{m.group(1)} R@1", metric_args=args)
-        elif key == "ClipSc":
-            rd = next((k for k in results["table"] if re.fullmatch(r"RD\d+", k)), "RD100")
-            entry = dict(**coco, metric_type="clip_score", metric_name=f"ClipScore ({rd})", metric_args=args)
-        elif key in ("CLIP-S", "RefCLIP-S"):
-            entry = dict(**coco, metric_type=key.lower().replace("-s", "_score").replace("-", "_"),
-                         metric_name=key, metric_args=args)
-        elif key == "CIDEr":
-            entry = dict(**coco, metric_type="cider", metric_name="CIDEr-D")
-        elif key == "BLEU-4":
-            entry = dict(**coco, metric_type="bleu", metric_name="BLEU-4")
-        elif key == "ImageCoDe":
+        elif benchmark == "imagecode":
             entry = dict(dataset_type=ids["imagecode"], dataset_name="ImageCoDe", dataset_split="validation",
                          metric_type="recall", metric_name="ImageCoDe R@1", metric_args=args)
-        else:  # vocab, words>=5, mean len: descriptive statistics, shown in the card's table only
+        elif metric == "recall_at_1":
+            entry = dict(**coco, metric_type="recall", metric_name=f"RD{column['num_distractors'] + 1} R@1",
+                         metric_args=args)
+        elif metric == "clipsc":
+            entry = dict(**coco, metric_type="clip_score", metric_name=f"ClipScore (RD{column['num_distractors'] + 1})",
+                         metric_args=args)
+        elif metric in ("clip_score", "refclip_score"):
+            entry = dict(**coco, metric_type=metric, metric_name=key, metric_args=args)
+        elif metric == "cider_d":
+            entry = dict(**coco, metric_type="cider", metric_name="CIDEr-D")
+        elif metric == "bleu_4":
+            entry = dict(**coco, metric_type="bleu", metric_name="BLEU-4")
+        else:
             continue
         entry["metric_value"] = round(float(value), 2)
         entry["key"] = key

@@ -1,6 +1,8 @@
 """Model publishing: resolve a ClipCap checkpoint, load it, write the folder to push with its card.
 
-``stage(args, out, workdir)`` is what ``upload_model.py`` runs (``args`` are its parsed options).
+``stage(checkpoint, card, out, workdir)`` is what ``upload_model.py`` runs: :class:`CheckpointOptions`
+say which checkpoint to publish and how to load it, :class:`CardOptions` what its model card says
+(both built from the script's options with ``from_args``, or directly in Python).
 The staged folder holds:
 
 - ``model.safetensors``, ``config.json`` (with ``auto_map`` and ``custom_pipelines``, exactly as
@@ -22,7 +24,7 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from common import staged_dir
@@ -32,6 +34,54 @@ from .hub import PublishError
 logger = logging.getLogger(__name__)
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+class _FromArgs:
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        """The options of this class from ``upload_model.py``'s parsed arguments (same names)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+@dataclass
+class CheckpointOptions(_FromArgs):
+    """Which checkpoint to publish and how to load it (``upload_model.py``'s source options).
+
+    Exactly one of ``checkpoint`` (a ClipCap folder, Trainer ``checkpoint-N`` or LoRA adapter
+    folder) and ``from_ndlb`` (the authors' release: Hub id or local folder). ``processor``: where
+    the processor is when the checkpoint has none; ``lora_base``: the base model of a LoRA
+    checkpoint; ``tokenizer``, ``dtype``, ``*_heads``: the ``--from-ndlb`` conversion settings
+    (``modeling_clipcap.convert_ndlb``)."""
+
+    checkpoint: str | None = None
+    from_ndlb: str | None = None
+    processor: str | None = None
+    lora_base: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    vision_heads: int | None = None
+    text_heads: int | None = None
+    mapper_heads: int | None = None
+
+
+@dataclass
+class CardOptions(_FromArgs):
+    """What the model card says beyond what is read from the checkpoint (``upload_model.py``'s
+    card options): the repository and revision it documents, ``eval_results`` (paths of
+    ``evaluate_captions.py --output`` files), training notes (text or a .md / .txt file), licence,
+    dataset / base-model ids, extra tags and the project link."""
+
+    repo_id: str
+    revision: str | None = None
+    eval_results: list[str] | None = None
+    training_notes: str | None = None
+    license: str | None = None
+    dataset_id: list[str] | None = None
+    truematch_id: str | None = None
+    coco_id: str | None = None
+    base_model_id: list[str] | None = None
+    tag: list[str] | None = None
+    project_url: str | None = None
 
 
 @dataclass
@@ -59,7 +109,7 @@ def _has_processor(folder: Path) -> bool:
     return any((folder / name).is_file() for name in PROCESSOR_FILES)
 
 
-def convert_release(src: str, workdir: Path, args: argparse.Namespace) -> Source:
+def convert_release(src: str, workdir: Path, args: CheckpointOptions) -> Source:
     """`--from-ndlb`: convert the authors' release (Hub id or local folder) into `workdir`."""
     from modeling_clipcap.conversion_utils import ConversionError
     from modeling_clipcap.convert_ndlb import convert_ndlb
@@ -113,7 +163,7 @@ def merge_lora(folder: Path, workdir: Path, base: str | None) -> Source:
                          "`merge_and_unload` (the published weights need no peft)."])
 
 
-def resolve_checkpoint(args: argparse.Namespace, workdir: Path) -> Source:
+def resolve_checkpoint(args: CheckpointOptions, workdir: Path) -> Source:
     """Turn --checkpoint / --from-ndlb into a transformers ClipCap folder."""
     if args.from_ndlb:
         return convert_release(args.from_ndlb, workdir, args)
@@ -220,7 +270,7 @@ def _read_notes(value: str | None) -> str | None:
     return value
 
 
-def build_card(model, source: Source, args: argparse.Namespace) -> str:
+def build_card(model, source: Source, args: CardOptions) -> str:
     from .model_card import UNKNOWN_LICENSE_TEXT, load_eval_results, read_training_info, render_model_card
 
     try:
@@ -252,11 +302,11 @@ def build_card(model, source: Source, args: argparse.Namespace) -> str:
     )
 
 
-def stage(args: argparse.Namespace, out: Path, workdir: Path) -> Path:
+def stage(checkpoint: CheckpointOptions, card_options: CardOptions, out: Path, workdir: Path) -> Path:
     """Resolve, load, save and describe the model into `out` (written atomically)."""
-    source = resolve_checkpoint(args, workdir)
-    model, processor = load_source(source, args.processor)
-    card = build_card(model, source, args)
+    source = resolve_checkpoint(checkpoint, workdir)
+    model, processor = load_source(source, checkpoint.processor)
+    card = build_card(model, source, card_options)
     with staged_dir(out) as tmp:
         save_model_folder(model, processor, tmp)
         (tmp / "README.md").write_text(card, encoding="utf-8")
@@ -265,11 +315,11 @@ def stage(args: argparse.Namespace, out: Path, workdir: Path) -> Path:
     return out
 
 
-def default_commit_message(args: argparse.Namespace) -> str:
+def default_commit_message(args: CheckpointOptions) -> str:
     what = f"the authors' release {args.from_ndlb} (converted)" if args.from_ndlb else \
         f"checkpoint {_public_name(args.checkpoint)}"
     return f"Upload ClipCap captioner from {what} with remote code, image-to-text pipeline and model card"
 
 
-__all__ = ["Source", "build_card", "check_weights", "default_commit_message", "load_source",
+__all__ = ["CardOptions", "CheckpointOptions", "Source", "build_card", "check_weights", "default_commit_message", "load_source",
            "merge_lora", "resolve_checkpoint", "save_model_folder", "stage"]

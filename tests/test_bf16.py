@@ -109,8 +109,6 @@ def test_mle_training_in_bf16_lowers_the_loss(tmp_path, tiny_clipcap_dir):
 
 
 def test_bf16_captioner_is_close_to_float32_and_inference_loads_it(tmp_path, tiny_clipcap_dir):
-    from transformers import AutoProcessor
-
     import inference
     from modeling_clipcap import ClipCapForCaptioning
 

@@ -107,6 +107,16 @@ def test_end_to_end_with_missing_caption(bench, tiny_clip_judge_dir, tmp_path, c
     exp = expected_truematch(judge, bench, captions)
     assert res["table"]["TM #3"] == pytest.approx(exp[3]) and res["table"]["TM #5"] == pytest.approx(exp[5])
     assert res["rd4"]["num_candidates"] == 4 and res["rd4"]["num_captions"] == 9
+    # every column says what it measures (the model card reads this, not the column names)
+    assert list(res["columns"]) == list(res["table"])
+    assert res["columns"]["TM #5"] == {"benchmark": "truematch", "metric": "recall_at_1", "bag_size": 5}
+    assert res["columns"]["RD4"] == {"benchmark": "coco", "metric": "recall_at_1", "num_distractors": 3}
+    from publishing.model_card import metric_entries
+
+    names = {e["key"]: e["metric_name"] for e in metric_entries(res)}
+    assert names == {"TM #3": "TrueMatch #3 R@1", "TM #5": "TrueMatch #5 R@1", "RD4": "RD4 R@1",
+                     "ClipSc": "ClipScore (RD4)", "CLIP-S": "CLIP-S", "RefCLIP-S": "RefCLIP-S", "CIDEr": "CIDEr-D",
+                     "BLEU-4": "BLEU-4"}
     # CIDEr-D / BLEU-4 as pycocoevalcap computes them on the same PTB-tokenised captions
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 import tomllib
 import venv
@@ -84,19 +83,19 @@ def test_pip_install_then_console_scripts_from_another_folder(tmp_path):
     assert {"ndlb-caption", "ndlb-train-sr", "ndlb-train-mle", "ndlb-evaluate", "ndlb-upload"} <= set(SCRIPTS)
 
     # the modules come from the new environment, and what they read at run time is there
-    check = f"""
+    check = """
 import importlib.util, json
 import datasets_scripts.review_bags, datasets_scripts.truematch, datasets_scripts.vcb.prompts as prompts
 import evaluate_captions, evaluation
 from publishing import model_card
 files = [model_card.TEMPLATE, datasets_scripts.review_bags.TEMPLATE, datasets_scripts.truematch.CARD_TEMPLATE,
-         *[prompts.DEFAULT_PROMPTS_DIR / f"{{n}}.yaml" for n in ("blendcap", "visualcap", "holisticcap")]]
+         *[prompts.DEFAULT_PROMPTS_DIR / f"{n}.yaml" for n in ("blendcap", "visualcap", "holisticcap")]]
 cider = evaluation.load_metric("cider_d").compute(predictions=["a dog runs.", None],
                                                   references=[["a dog runs."], ["a cat."]])
 names = ("evaluate_captions", "evaluation", "inference", "metrics", "modeling_clipcap", "ndlb_cli", "publishing",
          "trainers", "train_sr", "train_mle", "upload_model", "datasets_scripts")
-print(json.dumps({{"modules": [importlib.util.find_spec(n).origin for n in names],
-                   "missing_files": [str(f) for f in files if not f.is_file()], "cider_missing": cider["missing"]}}))
+print(json.dumps({"modules": [importlib.util.find_spec(n).origin for n in names],
+                   "missing_files": [str(f) for f in files if not f.is_file()], "cider_missing": cider["missing"]}))
 """
     run = subprocess.run([python, "-c", check], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -34,6 +34,15 @@ RESULTS = {
     "benchmarks": ["clipscore", "nlg", "rd100", "truematch"],
     "table": {"TM #3": 62.614, "TM #5": 52.7, "TM #7": None, "RD100": 90.71, "ClipSc": 31.9, "CLIP-S": 75.25,
               "CIDEr": 26.5, "BLEU-4": 17.04, "vocab": 1234, "words>=5": 600, "mean len": 12.3456},
+    "columns": {"TM #3": {"benchmark": "truematch", "metric": "recall_at_1", "bag_size": 3},
+                "TM #5": {"benchmark": "truematch", "metric": "recall_at_1", "bag_size": 5},
+                "TM #7": {"benchmark": "truematch", "metric": "recall_at_1", "bag_size": 7},
+                "RD100": {"benchmark": "coco", "metric": "recall_at_1", "num_distractors": 99},
+                "ClipSc": {"benchmark": "coco", "metric": "clipsc", "num_distractors": 99},
+                "CLIP-S": {"benchmark": "coco", "metric": "clip_score"},
+                "CIDEr": {"benchmark": "coco", "metric": "cider_d"}, "BLEU-4": {"benchmark": "coco", "metric": "bleu_4"},
+                "vocab": {"benchmark": None, "metric": "vocab_size"}, "words>=5": {"benchmark": None, "metric": "words_ge5"},
+                "mean len": {"benchmark": None, "metric": "mean_length"}},
     "missing": {"truematch": []},
 }
 # (dataset config or name, metric name) -> value expected in the model-index (rounded to 2 decimals)
@@ -363,6 +372,9 @@ def test_clear_errors(tmp_path, source_dir, sender, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"truematch": {}}))
     cases.append((["--checkpoint", str(source_dir), "--eval-results", str(tmp_path / "bad.json")],
                   "not an evaluate_captions.py results file"))
+    (tmp_path / "old.json").write_text(json.dumps({"table": {"TM #3": 50.0}}))
+    cases.append((["--checkpoint", str(source_dir), "--eval-results", str(tmp_path / "old.json")],
+                  "older evaluate_captions.py: re-run"))
     no_proc = tmp_path / "no_processor"
     no_proc.mkdir()
     for f in ("config.json", "model.safetensors", "generation_config.json"):
