@@ -40,8 +40,11 @@ from transformers import (
 )
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .configuration_clipcap import LENGTH_NORMALIZATIONS, ClipCapConfig
+
+logger = logging.get_logger(__name__)
 
 
 class EndAfterStopTokenLogitsProcessor(LogitsProcessor):
@@ -186,15 +189,48 @@ class ClipCapPreTrainedModel(PreTrainedModel):
     # (on the saving rank). In this repository `import modeling_clipcap` adds the one that writes the
     # folder's remote-code entries (`modeling_clipcap.AUTO_MAP`, the "image-to-text" pipeline and its
     # file). A process that loaded this file as remote code has none: its config keeps the entries, and
-    # `pipeline.save_pretrained` (not the model's alone) copies the pipeline's file there.
+    # `save_pretrained` copies the pipeline's code files they name (`_copy_custom_pipeline_code`).
     save_hooks: ClassVar[list[Callable[[PreTrainedModel, str | os.PathLike], None]]] = []
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        if self.save_hooks and kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):
+        saving = kwargs.get("is_main_process", True) and not os.path.isfile(save_directory)
+        if self.save_hooks and saving:
             os.makedirs(save_directory, exist_ok=True)
             for hook in self.save_hooks:
                 hook(self, save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
+        if saving and not self.save_hooks:
+            self._copy_custom_pipeline_code(save_directory)
+
+    def _copy_custom_pipeline_code(self, save_directory: str | os.PathLike) -> None:
+        """Copy the code files of the config's ``custom_pipelines`` (and the files they import
+        relatively) into ``save_directory`` when transformers has not: a model loaded as remote code
+        and saved again keeps a folder that ``pipeline(..., trust_remote_code=True)`` loads. The
+        files come from beside this module or from the folder / Hub repository the model was loaded
+        from."""
+        import shutil
+
+        from transformers.dynamic_module_utils import get_relative_imports
+        from transformers.utils import cached_file
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        todo = [entry["impl"].rsplit(".", 1)[0] for entry in (getattr(self.config, "custom_pipelines", None) or {}
+                                                               ).values() if "impl" in entry]
+        while todo:
+            name = f"{todo.pop().replace('.', os.sep)}.py"
+            target = os.path.join(save_directory, name)
+            if os.path.isfile(target):
+                continue
+            source = os.path.join(here, name)
+            if not os.path.isfile(source):
+                source = cached_file(self.name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                                     _raise_exceptions_for_connection_errors=False) if self.name_or_path else None
+            if source is None:
+                logger.warning(f"{name} (code of the config's custom_pipelines) was not found beside {__file__} nor "
+                               f"in {self.name_or_path!r}: the saved folder has no pipeline code.")
+                continue
+            shutil.copyfile(source, target)
+            todo += get_relative_imports(target)
 
     def _init_weights(self, module: nn.Module) -> None:
         from transformers import initialization as init

@@ -135,3 +135,42 @@ def test_every_auto_class_loads_in_a_fresh_process(tiny_clipcap_dir, tokenizer, 
     assert loaded["AutoTokenizer"] == ["transformers", type(processor.tokenizer).__name__]
     assert loaded["AutoImageProcessor"] == ["transformers", type(processor.image_processor).__name__]
     assert out["pipeline"] == ["ClipCapCaptioningPipeline", processor.batch_decode(ids)[0]]
+
+
+RESAVE = """
+import json, os, sys
+from transformers import AutoModel, AutoProcessor, pipeline
+from PIL import Image
+folder, new, image = sys.argv[1], sys.argv[2], sys.argv[3]
+AutoModel.from_pretrained(folder, trust_remote_code=True).save_pretrained(new)  # the model alone
+files = sorted(os.listdir(new))
+AutoProcessor.from_pretrained(folder, trust_remote_code=True).save_pretrained(new)
+captioner = pipeline("image-to-text", model=new, trust_remote_code=True, max_new_tokens=8)
+out = {"files": files, "caption": captioner(Image.open(image))[0]["generated_text"],
+       "repo_imported": sorted(m for m in sys.modules if m.split(".")[0] in ("modeling_clipcap", "tests"))}
+open("out.json", "w").write(json.dumps(out))
+"""
+
+
+def test_a_model_loaded_as_remote_code_and_saved_again_keeps_its_pipeline(tiny_clipcap_dir, tmp_path):
+    """A process that cannot import this repository loads the model as remote code and saves it with
+    ``model.save_pretrained`` alone: the folder still has the pipeline's code (and what it imports),
+    and the pipeline loads from it and captions as the original folder's does."""
+    from transformers import pipeline
+
+    image = tiny.random_images(1, seed=7)[0]
+    image.save(tmp_path / "image.png")
+    expected = pipeline("image-to-text", model=str(tiny_clipcap_dir), trust_remote_code=True,
+                        max_new_tokens=8)(image)[0]["generated_text"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    run = subprocess.run([sys.executable, "-c", RESAVE, str(tiny_clipcap_dir), str(tmp_path / "resaved"),
+                          str(tmp_path / "image.png")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["repo_imported"] == []
+    assert {"pipeline_clipcap.py", "image_loading.py", "modeling_clipcap.py", "config.json"} <= set(out["files"])
+    saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert set(saved["custom_pipelines"]) == {"image-to-text"} and saved["auto_map"] == AUTO_MAP
+    assert out["caption"] == expected
