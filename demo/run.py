@@ -11,8 +11,8 @@ of its settings, so an interrupted run resumes where it stopped and a changed se
 the stages it touches):
 
 1. ``world`` — render the scenes, their sparse references and complete descriptions
-   (:mod:`demo.world`), save them as a COCO-format dataset (API contract 2) and train the world's
-   BPE tokenizer. Train / val / test splits: val is for every choice, test for the final table.
+   (:mod:`demo.world`), save them as a dataset in the "COCO dataset" format (docs/formats.md) and
+   train the world's BPE tokenizer. Train / val / test splits: val is for every choice, test for the final table.
 2. ``judge_a`` / ``judge_b`` — train the two CLIP judges from scratch (:mod:`demo.judges`):
    A (transformers) gives the SR reward and initialises the captioner's vision tower; B
    (open_clip, another architecture, seed and data order) scores every reported R@1. Their
@@ -53,13 +53,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from demo.scheduler import Stage, fingerprint, run_parallel
 from demo.world import CAPTION_TOKENS
 from evaluation import load_metric, vocabulary_stats
 
@@ -780,20 +780,6 @@ def caption_faithfulness(captions: list[str], scenes: list[str]) -> list[tuple[i
 # driver
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    deps: tuple[str, ...]
-    run: Callable[[], dict[str, Any]]
-    fingerprint: str = ""  # hash of the settings this stage and the stages it needs depend on
-
-
-def _fingerprint(params: Any, deps: list[str]) -> str:
-    import hashlib
-
-    return hashlib.sha1(json.dumps([params, deps], sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def stage_graph(cfg: DemoConfig, p: Paths) -> list[Stage]:
     """Every stage with the stages it needs, in the order a single worker runs them (long ones
     first). Each stage's fingerprint covers the settings it uses and its dependencies'
@@ -802,7 +788,7 @@ def stage_graph(cfg: DemoConfig, p: Paths) -> list[Stage]:
     prints: dict[str, str] = {}
 
     def add(name: str, deps: tuple[str, ...], params: Any, run: Callable[[], dict[str, Any]]) -> None:
-        prints[name] = _fingerprint([name, params], [prints[d] for d in deps])
+        prints[name] = fingerprint([name, params], [prints[d] for d in deps])
         stages.append(Stage(name, deps, run, prints[name]))
 
     add("world", (), dict(seed=cfg.seed, image_size=cfg.image_size, n=(cfg.n_train, cfg.n_val, cfg.n_test)),
@@ -885,100 +871,6 @@ def run_stage(out: Path, name: str, threads: int = 1) -> dict[str, Any]:
     return record
 
 
-_PROGRESS = re.compile(r"(?:(?P<desc>[^\r\n|]*?):\s*)?\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
-
-
-class _Worker:
-    """One stage in a child process; its output goes to ``logs/<stage>.log`` and its latest tqdm
-    line (description, n/total) is parsed so the parent can draw the stage's progress bar."""
-
-    def __init__(self, out: Path, name: str, threads: int, position: int):
-        import threading
-
-        from tqdm.auto import tqdm
-
-        self.name = name
-        log_dir = out / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{name}.log"
-        env = dict(os.environ, TQDM_MININTERVAL="0.5", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-                   OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        root = Path(__file__).resolve().parent.parent
-        env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "demo.run", "--out", str(out), "--stage", name, "--threads", str(threads)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(root))
-        self.state = {"desc": name, "n": 0, "total": None}
-        self.bar = tqdm(total=1, desc=name, position=position, leave=False, unit="it")
-        self.thread = threading.Thread(target=self._pump, daemon=True)
-        self.thread.start()
-
-    def _pump(self) -> None:
-        with open(self.log_path, "wb") as log:
-            pending = b""
-            for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):
-                log.write(chunk)
-                log.flush()
-                pending += chunk
-                *lines, pending = re.split(rb"[\r\n]", pending)
-                for line in lines:
-                    m = _PROGRESS.search(line.decode("utf-8", "replace"))
-                    if m:
-                        desc = (m.group("desc") or "").strip()
-                        self.state = {"desc": f"{self.name}: {desc}" if desc else self.name,
-                                      "n": int(m.group("n")), "total": int(m.group("total"))}
-
-    def refresh(self) -> None:
-        state = self.state
-        if state["total"]:
-            if self.bar.total != state["total"]:
-                self.bar.reset(total=state["total"])
-            self.bar.n = min(state["n"], state["total"])
-        self.bar.set_description_str(state["desc"][:60], refresh=False)
-        self.bar.refresh()
-
-    def finish(self) -> int:
-        code = self.proc.wait()
-        self.thread.join()
-        self.bar.close()
-        return code
-
-
-def _run_parallel(p: Paths, stages: list[Stage], done: set[str], jobs: int, threads: int,
-                  on_done: Callable[[str], None]) -> None:
-    """Run the remaining stages on ``jobs`` worker processes, each as soon as its dependencies
-    are done (in the order of ``stages``)."""
-    todo = [s for s in stages if s.name not in done]
-    running: dict[str, _Worker] = {}
-    try:
-        while todo or running:
-            for stage in list(todo):
-                if len(running) >= jobs:
-                    break
-                if all(d in done for d in stage.deps):
-                    todo.remove(stage)
-                    running[stage.name] = _Worker(p.out, stage.name, threads, position=1 + len(running))
-            time.sleep(0.5)
-            for name, worker in list(running.items()):
-                worker.refresh()
-                if worker.proc.poll() is None:
-                    continue
-                code = worker.finish()
-                del running[name]
-                if code != 0 or not (p.stages / f"{name}.json").is_file():
-                    tail = worker.log_path.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"demo stage {name!r} failed (exit code {code}); its log is "
-                                     f"{worker.log_path}:\n{tail}")
-                done.add(name)
-                on_done(name)
-            if todo and not running and not any(all(d in done for d in s.deps) for s in todo):
-                raise RuntimeError(f"stages {[s.name for s in todo]} cannot run: missing dependencies")
-    finally:
-        for worker in running.values():  # only on failure: stop the other workers we started
-            worker.proc.terminate()
-            worker.finish()
-
-
 def run_demo(out: str | os.PathLike, fast: bool = False, seed: int = 0, overwrite: bool = False,
              threads: int = 1, jobs: int = 2, cfg: DemoConfig | None = None, command: str = "python -m demo.run"
              ) -> dict[str, Any]:
@@ -1029,7 +921,11 @@ def run_demo(out: str | os.PathLike, fast: bool = False, seed: int = 0, overwrit
                 done.add(stage.name)
                 on_done(stage.name)
     else:
-        _run_parallel(p, stages, done, jobs, threads, on_done)
+        root = Path(__file__).resolve().parent.parent
+        run_parallel(stages, done, jobs, threads=threads, log_dir=p.out / "logs", cwd=root, on_done=on_done,
+                     command=lambda name: [sys.executable, "-m", "demo.run", "--out", str(p.out), "--stage", name,
+                                           "--threads", str(threads)],
+                     is_done=lambda name: (p.stages / f"{name}.json").is_file())
     bar.close()
     records = {s.name: json.loads((p.stages / f"{s.name}.json").read_text()) for s in stages}
     if not cfg.test_eval:

@@ -285,7 +285,7 @@ def scene_attributes(scene: Scene) -> set[tuple[str, str]]:
 
 def generate_world(n_train: int, n_val: int, n_test: int, seed: int = 0, image_size: int = 32,
                    progress: bool = True):
-    """A COCO-format `datasets.DatasetDict` (API contract 2) of rendered scenes.
+    """A `datasets.DatasetDict` of rendered scenes in the "COCO dataset" format (docs/formats.md).
 
     Columns: ``cocoid`` (int64, unique over splits), ``image`` (PNG bytes), ``captions`` (5 sparse
     references), ``complete`` (the complete description), ``scene`` (JSON), ``split``.

@@ -37,7 +37,7 @@ def test_world_is_deterministic_and_has_the_contract_columns():
     b = generate_world(6, 2, 3, seed=5, progress=False)
     c = generate_world(6, 2, 3, seed=6, progress=False)
     assert list(a) == ["train", "val", "test"]
-    assert {"cocoid", "image", "captions", "split"} <= set(a["train"].column_names)  # API contract 2
+    assert {"cocoid", "image", "captions", "split"} <= set(a["train"].column_names)  # the "COCO dataset" format (docs/formats.md)
     ids = [i for split in a.values() for i in split["cocoid"]]
     assert len(set(ids)) == len(ids) == 11
     for split in a:
