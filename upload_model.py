@@ -13,7 +13,7 @@ The staged folder (what gets pushed) holds:
 - the remote code: ``configuration_clipcap.py``, ``modeling_clipcap.py``,
   ``processing_clipcap.py``, ``pipeline_clipcap.py``, ``image_loading.py``;
 - the processor files (``processor_config.json``, tokenizer files);
-- ``README.md``: the model card (``modeling_clipcap/model_card.py``).
+- ``README.md``: the model card (``publishing/model_card.py``).
 
 Checkpoints accepted by ``--checkpoint``: a folder saved by ``save_pretrained`` (train_mle.py,
 train_sr.py, the converters), a Trainer checkpoint ``checkpoint-N`` with full weights (only the
@@ -25,289 +25,32 @@ merged into its base model (``--lora-base`` or the adapter's ``base_model_name_o
 
 The push is one commit (``HfApi.upload_folder``) after ``create_repo(exist_ok=True)`` and, with
 ``--revision``, ``create_branch``. Log in first (``hf auth login``) or set ``HF_TOKEN``.
+
+This is the command line only: checkpoint resolution and staging are ``publishing.model_staging``,
+the card ``publishing.model_card``, the push options and the push ``publishing.hub`` (shared with
+``python -m datasets_scripts.publish``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-logger = logging.getLogger("upload_model")
-
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
-
-
-class UploadError(Exception):
-    """A problem with the inputs, reported as one clear message (exit status 1)."""
-
-
-@dataclass
-class Source:
-    """The checkpoint to publish, once resolved to a transformers ClipCap folder."""
-
-    folder: Path  # holds config.json + weights (ours)
-    kind: str  # "model" | "trainer-checkpoint" | "lora" | "ndlb"
-    name: str  # public name of the source (no machine path)
-    processor_folder: Path | None = None
-    training_folder: Path | None = None  # where trainer_state.json etc. are
-    notes: list[str] = field(default_factory=list)
-
-
-# -- resolving the checkpoint -----------------------------------------------------------------------
-
-
-def _public_name(src: str | os.PathLike) -> str:
-    from modeling_clipcap.model_card import display_name
-
-    return display_name(str(src))
-
-
-def _has_processor(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in PROCESSOR_FILES)
-
-
-def convert_release(src: str, workdir: Path, args: argparse.Namespace) -> Source:
-    """`--from-ndlb`: convert the authors' release (Hub id or local folder) into `workdir`."""
-    from modeling_clipcap.conversion_utils import ConversionError
-    from modeling_clipcap.convert_ndlb import convert_ndlb
-
-    tokenizer = args.tokenizer
-    if tokenizer is None:  # a tokenizer saved inside a local release folder wins over the default gpt2
-        tokenizer = src if (Path(src) / "tokenizer_config.json").is_file() else "gpt2"
-    try:
-        out = convert_ndlb(src, workdir / "converted", tokenizer=tokenizer, dtype=args.dtype,
-                           vision_heads=args.vision_heads, text_heads=args.text_heads,
-                           mapper_heads=args.mapper_heads, overwrite=True)
-    except ConversionError as err:
-        raise UploadError(f"--from-ndlb {src}: {err}") from err
-    name = _public_name(src)
-    return Source(out, "ndlb", name, processor_folder=out, notes=[
-        f"Converted from the authors' release `{name}` with `modeling_clipcap.convert_ndlb` (OpenAI-layout CLIP "
-        "vision tower, GPT-2 without the extra prefix rows of the release's decoding trick, the -inf-tailed "
-        "lm_head bias kept as an output bias on the real vocabulary); the project's tests check that converted "
-        "models reproduce the release layout's logits."])
-
-
-def merge_lora(folder: Path, workdir: Path, base: str | None) -> Source:
-    """A peft/LoRA adapter checkpoint merged into its base model (saved under `workdir`)."""
-    from peft import PeftModel
-
-    from modeling_clipcap import ClipCapForCaptioning
-
-    adapter = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    base = base or adapter.get("base_model_name_or_path")
-    if not base:
-        raise UploadError(f"{folder} is a LoRA adapter checkpoint whose adapter_config.json names no base model; "
-                          "pass --lora-base with the ClipCap folder or Hub id the adapters were trained on.")
-    try:
-        model = ClipCapForCaptioning.from_pretrained(base)
-    except (OSError, ValueError) as err:
-        raise UploadError(f"cannot load the LoRA base model {base!r} of {folder} ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); pass --lora-base DIR_OR_ID.") from err
-    try:
-        merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise UploadError(f"cannot apply the adapters in {folder} to {base!r} ({type(err).__name__}: {err}); is "
-                          "--lora-base the model they were trained on?") from err
-    out = workdir / "merged"
-    merged.save_pretrained(out)
-    processor_folder = folder if _has_processor(folder) else (Path(base) if Path(base).is_dir() else None)
-    base_name = _public_name(base)
-    targets = adapter.get("target_modules")
-    return Source(out, "lora", _public_name(folder), processor_folder=processor_folder, training_folder=folder,
-                  notes=[f"LoRA adapters (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, targets "
-                         f"`{targets}`) from `{_public_name(folder)}` merged into `{base_name}` with peft's "
-                         "`merge_and_unload` (the published weights need no peft)."])
-
-
-def resolve_checkpoint(args: argparse.Namespace, workdir: Path) -> Source:
-    """Turn --checkpoint / --from-ndlb into a transformers ClipCap folder."""
-    if args.from_ndlb:
-        return convert_release(args.from_ndlb, workdir, args)
-    folder = Path(args.checkpoint)
-    if not folder.is_dir():
-        raise UploadError(f"--checkpoint {folder}: no such folder.")
-    from modeling_clipcap.convert_ndlb import is_release_folder
-
-    if (folder / "adapter_config.json").is_file():
-        return merge_lora(folder, workdir, args.lora_base)
-    if is_release_folder(folder):
-        raise UploadError(f"--checkpoint {folder} is in the authors' NDLB release layout; use --from-ndlb {folder} "
-                          "(it converts the release first).")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UploadError(f"--checkpoint {folder} has no config.json: expected a folder saved with save_pretrained, a "
-                          "Trainer checkpoint-N folder or a LoRA adapter checkpoint (adapter_config.json).")
-    try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise UploadError(f"{config_path} is not a valid JSON config ({err}).") from err
-    if model_type != "clipcap":
-        raise UploadError(f"{config_path} has model_type {model_type!r}; this script publishes ClipCap models "
-                          "(model_type 'clipcap').")
-    kind = "trainer-checkpoint" if (folder / "trainer_state.json").is_file() else "model"
-    training = folder if kind == "trainer-checkpoint" else (
-        folder if any((folder / n).is_file() for n in ("trainer_state.json", "sr_state.json", "training_args.json")) else None)
-    return Source(folder, kind, _public_name(folder), processor_folder=folder, training_folder=training)
-
-
-def load_source(source: Source, processor: str | None):
-    """(model, processor) of a resolved source, in eval mode, with a clear error when the
-    processor files are missing."""
-    from transformers import AutoProcessor
-
-    from modeling_clipcap import ClipCapForCaptioning
-
-    try:
-        model = ClipCapForCaptioning.from_pretrained(source.folder).eval()
-    except (OSError, ValueError) as err:
-        raise UploadError(f"cannot load the model in {source.folder} ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}).") from err
-    where = processor or source.processor_folder
-    if where is None or (Path(str(where)).is_dir() and not _has_processor(Path(str(where)))):
-        raise UploadError(f"{source.name} has no processor files ({', '.join(PROCESSOR_FILES[:2])}, tokenizer); pass "
-                          "--processor with the folder or Hub id of the ClipCap processor it was trained with.")
-    try:
-        proc = AutoProcessor.from_pretrained(str(where))
-    except (OSError, ValueError) as err:
-        raise UploadError(f"cannot load the processor from {where} ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); pass --processor.") from err
-    return model, proc
-
-
-# -- staging ----------------------------------------------------------------------------------------
-
-
-def save_model_folder(model, processor, folder: Path) -> None:
-    """Weights (safetensors), config with auto_map + custom_pipelines, remote code (configuration,
-    modeling, processing, pipeline) and processor files."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    from modeling_clipcap import AUTO_MAP
-    from modeling_clipcap.pipeline_clipcap import ClipCapCaptioningPipeline, custom_pipelines_entry
-
-    model.config.custom_pipelines = custom_pipelines_entry()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    custom_object_save(ClipCapCaptioningPipeline, folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    expected = {"configuration_clipcap.py", "modeling_clipcap.py", "processing_clipcap.py", "pipeline_clipcap.py",
-                "image_loading.py", "model.safetensors", "config.json", "generation_config.json"}
-    missing = sorted(n for n in expected if not (folder / n).is_file())
-    if missing or config.get("auto_map") != AUTO_MAP or "custom_pipelines" not in config:
-        raise UploadError(f"the staged folder is incomplete (missing {missing or 'auto_map/custom_pipelines'}); "
-                          "this is a bug in upload_model.py.")
-
-
-def check_weights(model, folder: Path) -> None:
-    """The staged safetensors hold exactly the model's tensors."""
-    import torch
-    from safetensors.torch import load_file
-
-    staged = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        staged.update(load_file(str(path)))
-    state = model.state_dict()
-    absent = [k for k in state if k not in staged and not (k == "language_model.lm_head.weight"
-                                                            and "language_model.transformer.wte.weight" in staged)]
-    different = [k for k in state if k in staged and not torch.equal(state[k].cpu(), staged[k])]
-    if absent or different:
-        raise UploadError(f"the staged weights differ from the checkpoint (absent: {absent[:5]}, different: "
-                          f"{different[:5]}); nothing was pushed.")
-
-
-def _read_notes(value: str | None) -> str | None:
-    if value is None:
-        return None
-    path = Path(value)
-    try:
-        is_file = "\n" not in value and path.is_file()
-    except OSError:  # long text is not a file name
-        is_file = False
-    if is_file:
-        return path.read_text(encoding="utf-8")
-    if "\n" not in value and path.suffix.lower() in (".md", ".txt"):
-        raise UploadError(f"--training-notes {path}: no such file.")
-    return value
-
-
-def build_card(model, source: Source, args: argparse.Namespace) -> str:
-    from modeling_clipcap.model_card import (UNKNOWN_LICENSE_TEXT, load_eval_results, read_training_info,
-                                             render_model_card)
-
-    try:
-        results = [load_eval_results(p) for p in args.eval_results or []]
-    except (FileNotFoundError, ValueError) as err:
-        raise UploadError(str(err)) from err
-    names = [Path(p).stem for p in args.eval_results or []]
-    training = read_training_info(source.training_folder) if source.training_folder else {}
-    notes = _read_notes(args.training_notes)
-    license_name = args.license or ("unknown" if source.kind == "ndlb" else "mit")
-    license_text = UNKNOWN_LICENSE_TEXT.format(source=source.name) if license_name == "unknown" else None
-    kinds = {"model": f"Published from the checkpoint `{source.name}`.",
-             "trainer-checkpoint": f"Published from the Trainer checkpoint `{source.name}` (model weights and "
-                                   "processor only; optimizer and scheduler states are not included).",
-             "lora": "", "ndlb": ""}
-    provenance = " ".join([kinds[source.kind], *source.notes]).strip()
-    if source.kind == "ndlb" and not notes:
-        notes = ("The weights are the authors' (see the paper, Sec. 4 and App. C.3, for their training: MLE "
-                 "pre-training on COCO / Visual Caption Boost captions, then self-retrieval fine-tuning with "
-                 "REINFORCE, LoRA on CLIP and GPT-2, hard-negative bags and a bag-size curriculum, optionally "
-                 "with a CIDEr reward); they were not retrained here.")
-    dataset_ids = {k: v for k, v in (("truematch", args.truematch_id), ("coco", args.coco_id)) if v}
-    datasets = list(dict.fromkeys([*(args.dataset_id or []), *[v for v in dataset_ids.values() if "/" in v]]))
-    return render_model_card(
-        model, args.repo_id, revision=args.revision, provenance=provenance, results_list=results,
-        results_names=names, training_info=training, training_notes=notes, license=license_name,
-        license_text=license_text, datasets=datasets, base_models=args.base_model_id, tags=args.tag,
-        dataset_ids=dataset_ids, project_url=args.project_url,
-    )
-
-
-def stage(args: argparse.Namespace, out: Path, workdir: Path) -> Path:
-    """Resolve, load, save and describe the model into `out` (written atomically)."""
-    source = resolve_checkpoint(args, workdir)
-    model, processor = load_source(source, args.processor)
-    card = build_card(model, source, args)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_model_folder(model, processor, tmp)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        check_weights(model, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Staged %s (%s) in %s: %s", source.name, source.kind, out, ", ".join(sorted(os.listdir(out))))
-    return out
-
-
-# -- command line -----------------------------------------------------------------------------------
+from publishing.hub import PushOptions, publish_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from datasets_scripts.publish import add_push_arguments
-
     p = argparse.ArgumentParser(prog="upload_model.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR", help="ClipCap folder, Trainer checkpoint-N or LoRA adapter folder")
     src.add_argument("--from-ndlb", metavar="SRC", help="the authors' release: Hub id (manu-gaur/NDLB) or local folder "
                      "in its layout (model.safetensors + config.json); converted first")
-    add_push_arguments(p, repo_help="Hub model repository to create / update",
-                       dry_run_help="only stage the folder into OUT; push nothing",
-                       commit_default="says what was published")
+    PushOptions.add_arguments(p, repo_help="Hub model repository to create / update",
+                              dry_run_help="only stage the folder into OUT; push nothing",
+                              commit_default="says what was published")
     g = p.add_argument_group("model card")
     g.add_argument("--eval-results", nargs="+", metavar="JSON", help="evaluate_captions.py --output files; their "
                    "scores go into the card and its model-index")
@@ -338,46 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_commit_message(args: argparse.Namespace) -> str:
-    what = f"the authors' release {args.from_ndlb} (converted)" if args.from_ndlb else \
-        f"checkpoint {_public_name(args.checkpoint)}"
-    return f"Upload ClipCap captioner from {what} with remote code, image-to-text pipeline and model card"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from datasets_scripts.publish import PublishError, push_folder, repo_id_error
+    from publishing.model_staging import default_commit_message, stage
 
-    if error := repo_id_error(args.repo_id):
-        print(error, file=sys.stderr)
-        return 2
-    if args.dry_run is not None and args.dry_run.exists() and any(args.dry_run.iterdir()) and not args.overwrite:
-        print(f"error: --dry-run {args.dry_run} exists and is not empty; pass --overwrite or choose another folder",
-              file=sys.stderr)
-        return 2
+    def stage_model(out: Path, workdir: Path) -> str:
+        stage(args, out, workdir)
+        return default_commit_message(args)
 
-    try:
-        with tempfile.TemporaryDirectory(prefix="upload_model-") as work:
-            work = Path(work)
-            out = args.dry_run if args.dry_run is not None else work / "staged"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            stage(args, out, work)
-            if args.dry_run is not None:
-                print(f"Staged in {out} (dry run: nothing pushed). Push with the same command without --dry-run.")
-                return 0
-            url = push_folder(out, args.repo_id, repo_type="model", private=args.private, revision=args.revision,
-                              commit_message=args.commit_message or default_commit_message(args),
-                              delete_stale=args.delete_stale)
-            print(f"Pushed to {url}")
-            return 0
-    except (UploadError, PublishError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return publish_folder(PushOptions.from_args(args), repo_type="model", stage=stage_model, check_dry_run=True,
+                          dry_run_note=" Push with the same command without --dry-run.")
 
 
-__all__ = ["Source", "UploadError", "build_parser", "load_source", "main", "merge_lora", "resolve_checkpoint",
-           "save_model_folder", "stage"]
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

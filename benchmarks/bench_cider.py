@@ -31,7 +31,6 @@ the median CIDEr-D speedup, with a summary of every run. Timings depend on the m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 
+from bench_common import write_results  # noqa: E402
 from metrics.bleu import bleu  # noqa: E402
 from metrics.cider import CiderD, cider_d  # noqa: E402
 from metrics.ptb_tokenizer import clear_cache, ptb_tokenize  # noqa: E402
@@ -235,11 +235,7 @@ def main() -> None:
          "load_average_after": r["machine"]["load_average_after"]} for r in records]
     if args.runs > 1:
         print("CIDEr-D speedups of the runs: " + ", ".join(f"x{r['cider_speedup']:.1f}" for r in result["runs"]))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, output)
-    print(f"wrote {output}")
+    write_results(output, result)
     if not result["outputs_equal"]:
         sys.exit("outputs differ from pycocoevalcap: see above")
 

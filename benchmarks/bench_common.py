@@ -1,14 +1,15 @@
-"""What every benchmark script shares: writing its results JSON."""
+"""What every benchmark script shares: writing its results JSON (the scripts put the repository
+root on ``sys.path`` before importing this)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from common import write_json
 
 
 def write_results(path: Path, results: dict) -> dict:
-    """Write `results` as indented JSON to `path` (folders created), say where, return them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    """Write `results` as indented JSON to `path` atomically (folders created), say where, return them."""
+    write_json(path, results)
     print(f"wrote {path}")
     return results

@@ -1,4 +1,4 @@
-"""Bag mining at scale: the blockwise exact search (datasets_scripts.truematch.knn, "chunked"
+"""Bag mining at scale: the blockwise exact search (datasets_scripts.truematch_mining.knn, "chunked"
 below) vs a naive full-matrix reference (knn_reference: the whole N x N float64 cosine matrix +
 a stable sort per row) and vs the search it replaced ("baseline": rows rounded to 12-bit integer
 codes, one exact float32 matmul, run from the module at git revision --baseline-rev).
@@ -64,9 +64,15 @@ def make_embeddings(n: int, dim: int, seed: int = 0):
 
 
 def load_baseline(rev: str, folder: str):
-    """datasets_scripts/truematch.py at git revision ``rev``, imported as a module."""
-    text = subprocess.run(["git", "show", f"{rev}:datasets_scripts/truematch.py"], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout
+    """The mining module at git revision ``rev`` (datasets_scripts/truematch_mining.py, or
+    datasets_scripts/truematch.py at revisions before the mining had its own module), imported."""
+    def show(path: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+
+    found = show("datasets_scripts/truematch_mining.py")
+    text = (found if found.returncode == 0 else show("datasets_scripts/truematch.py")).stdout
+    if not text:
+        raise RuntimeError(f"no datasets_scripts/truematch_mining.py or truematch.py at git revision {rev!r}")
     path = Path(folder) / f"truematch_{rev}.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(f"truematch_{rev}", path)
@@ -85,7 +91,7 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from datasets_scripts import truematch as tm
+    from datasets_scripts import truematch_mining as tm
 
     torch.set_num_threads(args.threads)
     if args.mode == "baseline":

@@ -38,6 +38,8 @@ import datasets
 from datasets import DatasetDict, Features, Image, List, Value
 from tqdm.auto import tqdm
 
+from common import not_found, read_json, write_json, write_text
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -78,13 +80,7 @@ class MissingImagesError(RuntimeError):
 def read_karpathy(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read and validate Karpathy's `dataset_coco.json`; returns its "images" records in file order."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Karpathy split file not found: {path} (expected dataset_coco.json)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); expected Karpathy's dataset_coco.json") from None
+    data = read_json(path, "Karpathy split file", "Karpathy's dataset_coco.json")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path}: expected a JSON object with an 'images' list (Karpathy's dataset_coco.json)")
     seen: set[int] = set()
@@ -196,7 +192,7 @@ def build_coco(images_dir: str | os.PathLike, karpathy_json: str | os.PathLike, 
         "corrupt": {str(k): v for k, v in corrupt.items()}, "few_captions": few,
     }
     if report_path is not None:
-        _write_json_atomic(Path(report_path), report)
+        write_json(Path(report_path), report)
     if (missing or corrupt) and not allow_missing:
         raise MissingImagesError(missing, corrupt, len(records), str(report_path) if report_path else None)
     if missing or corrupt:
@@ -211,14 +207,6 @@ def build_coco(images_dir: str | os.PathLike, karpathy_json: str | os.PathLike, 
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------------------------
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
 
 def _content_hash(ds: datasets.Dataset) -> str:
     """Hash of a split's rows (ids, image paths, captions): a rerun resumes only on the same data."""
@@ -287,7 +275,7 @@ def save_coco(dsd: DatasetDict, out_dir: str | os.PathLike, *, format: Literal["
             raise FileExistsError(f"{out} was written with other options or data; pass --overwrite "
                                   "(overwrite=True) to replace it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(opt_file, options)
+    write_json(opt_file, options)
 
     if format == "arrow":
         tmp = out / "_partial_arrow"
@@ -317,10 +305,9 @@ def save_coco(dsd: DatasetDict, out_dir: str | os.PathLike, *, format: Literal["
                     writer.close()
                 os.replace(tmp, final)
         card = _card(dsd.keys(), report, embed_images)
-        (out / "README.md.tmp").write_text(card, encoding="utf-8")
-        os.replace(out / "README.md.tmp", out / "README.md")
+        write_text(out / "README.md", card)
     if report is not None:
-        _write_json_atomic(out / REPORT_FILE, report)
+        write_json(out / REPORT_FILE, report)
     return out
 
 
@@ -343,8 +330,7 @@ def load_coco(path_or_id: str | os.PathLike, *, cache_dir: str | None = None, **
         return DatasetDict({s: dsd[s] for s in (*SPLITS, "restval") if s in dsd} |
                            {s: d for s, d in dsd.items() if s not in (*SPLITS, "restval")})
     if path.exists() or str(path_or_id).count("/") != 1:
-        raise FileNotFoundError(f"COCO dataset folder not found: {path} "
-                                "(build it with `python -m datasets_scripts.coco`)")
+        raise not_found("COCO dataset folder", path, "build it with `python -m datasets_scripts.coco`")
     try:  # a Hub dataset id such as "user/coco_karpathy"
         return datasets.load_dataset(str(path_or_id), cache_dir=cache_dir, **kwargs)
     except Exception as e:

@@ -34,7 +34,8 @@ from typing import Any, Literal, Sequence
 
 from tqdm.auto import tqdm
 
-from datasets_scripts.truematch import render_card, write_json_atomic
+from common import not_found, read_json, write_json, write_text
+from datasets_scripts.truematch import render_card
 
 TEMPLATE = Path(__file__).with_name("templates") / "review.html"
 FORMAT = "ndlb-truematch-review-v1"
@@ -43,8 +44,8 @@ FORMAT = "ndlb-truematch-review-v1"
 def _parquet_path(truematch_dir: Path, size: int) -> Path:
     files = sorted((truematch_dir / f"bags_{size}").glob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"no bags_{size}/*.parquet in {truematch_dir}; build it with "
-                                "`python -m datasets_scripts.truematch build`")
+        raise not_found(f"bags_{size}/*.parquet", truematch_dir,
+                        "build it with `python -m datasets_scripts.truematch build`")
     if len(files) > 1:
         raise ValueError(f"{truematch_dir / f'bags_{size}'} holds {len(files)} parquet files; expected one")
     return files[0]
@@ -71,18 +72,16 @@ def page_id(table, size: int) -> str:
 
 
 def _thumbnail(image: dict[str, Any], base: Path, size: int) -> bytes:
-    from PIL import Image
+    from metrics.image_loading import open_image
 
     if image.get("bytes") is not None:
-        src = io.BytesIO(image["bytes"])
+        im = open_image(image["bytes"])
     else:
         path = Path(image["path"])
-        src = path if path.is_absolute() else base / path
-    with Image.open(src) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=85)
+        im = open_image(path if path.is_absolute() else base / path)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
 
 
@@ -112,21 +111,13 @@ def write_review_page(truematch_dir: str | os.PathLike, size: int, out: str | os
     payload = json.dumps(data).replace("</", "<\\/").replace("<!--", "<\\u0021--")
     page = (TEMPLATE.read_text(encoding="utf-8").replace("__TITLE__", html.escape(f"bags_{size}"))
             .replace("__THUMB__", str(int(thumb_size))).replace("__DATA__", payload))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_text(out, page)
 
 
 def _read_decisions(d: str | os.PathLike | dict[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(d, dict):
         return d, "<dict>"
-    with open(d, encoding="utf-8") as f:
-        try:
-            return json.load(f), str(d)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{d}: not valid JSON ({e})") from None
+    return read_json(d, "decisions file"), str(d)
 
 
 def apply_review(truematch_dir: str | os.PathLike,
@@ -155,9 +146,7 @@ def apply_review(truematch_dir: str | os.PathLike,
     if out.resolve() == tdir.resolve():
         raise ValueError("out_dir must differ from truematch_dir (the mined folder stays untouched)")
     info_path = tdir / "mining_info.json"
-    if not info_path.exists():
-        raise FileNotFoundError(f"{info_path} not found: {tdir} is not a folder written by datasets_scripts.truematch")
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path, "mining_info.json", f"{tdir} to be a folder written by datasets_scripts.truematch")
     if out.exists() and any(out.iterdir()):
         if not (out / "mining_info.json").exists():  # never replace a folder that is not a TrueMatch folder
             raise FileExistsError(f"{out} exists and is not a TrueMatch folder; choose another --out")
@@ -212,16 +201,16 @@ def apply_review(truematch_dir: str | os.PathLike,
             pq.write_table(tables[size], dst)  # keeps the schema's datasets features metadata
             kept_ids = tables[size].column("cocoids").to_pylist()
             alphas = tables[size].column("alpha").to_pylist()
-            write_json_atomic(out / "review" / f"decisions_bags_{size}.json", by_size[size][0], indent=1)
+            write_json(out / "review" / f"decisions_bags_{size}.json", by_size[size][0], indent=1)
         else:
             shutil.copyfile(src, dst)
-            kept_ids = json.loads((tdir / f"{size}.json").read_text())
-            alphas = json.loads((tdir / f"alpha_{size}.json").read_text())
-        write_json_atomic(out / f"{size}.json", kept_ids)
-        write_json_atomic(out / f"alpha_{size}.json", alphas)
+            kept_ids = read_json(tdir / f"{size}.json")
+            alphas = read_json(tdir / f"alpha_{size}.json")
+        write_json(out / f"{size}.json", kept_ids, indent=None)
+        write_json(out / f"alpha_{size}.json", alphas, indent=None)
     info = {**info, "review": {**(info.get("review") or {}), **summary}}
-    write_json_atomic(out / "mining_info.json", info, indent=2)
-    (out / "README.md").write_text(render_card(info), encoding="utf-8")
+    write_json(out / "mining_info.json", info)
+    write_text(out / "README.md", render_card(info))
     if final.exists():
         shutil.rmtree(final)
     os.replace(out, final)

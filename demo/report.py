@@ -28,6 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common import write_json, write_text
+
 __all__ = ["MODEL_LABELS", "claims", "write_report"]
 
 MODEL_LABELS = {
@@ -57,12 +59,6 @@ REFERENCE_ROWS = ("reference_sparse", "reference_complete")
 HEADLINE = "sr_bags_curri_from_complete"
 SR_FIELDS = ("learning_rate", "cider_weight", "caption_tokens", "bag_schedule", "references_column", "best_step",
              "max_steps", "best_val_r1_bags_3", "last_val_r1_bags_3")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _gains(a: dict[str, float], b: dict[str, float], sizes) -> dict[int, float]:
@@ -402,9 +398,8 @@ def study_section(study: dict[str, Any]) -> str:
 def write_study_html(out: str | os.PathLike, study: dict[str, Any]) -> Path:
     """``study.html``: the study section as a page of its own."""
     path = Path(out) / "study.html"
-    path.write_text(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>NDLB demo study</title>"
-                    f"<style>{_CSS}</style></head><body>{study_section(study)}</body></html>", encoding="utf-8")
-    return path
+    return write_text(path, f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>NDLB demo study</title>"
+                            f"<style>{_CSS}</style></head><body>{study_section(study)}</body></html>")
 
 
 def write_report(out: str | os.PathLike, cfg: dict[str, Any], stages: dict[str, Any], wall_seconds: float,
@@ -444,13 +439,11 @@ def write_report(out: str | os.PathLike, cfg: dict[str, Any], stages: dict[str, 
                                                                   if k in results_all},
         "config": cfg,
     }
-    _write_json(out / "results.json", {**models, "meta": meta})
+    write_json(out / "results.json", {**models, "meta": meta})
     study_file = out / "study.json"
     study = json.loads(study_file.read_text()) if study_file.is_file() else None
     page = _render_html(meta, results_all, checks, figures, examples, study)
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out / "report.html")
+    write_text(out / "report.html", page)
     lines = [f"{'model':<36}" + "".join(f"{'TM#' + str(s):>8}" for s in sizes) + f"{'RD':>8}{'CIDEr':>8}{'vocab':>7}"]
     for name, row in results_all.items():
         lines.append(f"{name:<36}" + "".join(f"{row[f'truematch_r1_{s}']:8.1f}" for s in sizes)

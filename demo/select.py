@@ -46,7 +46,8 @@ def _lr_name(mode: str, lr: float) -> str:
 def select(out: str | Path, seed: int = 0, jobs: int = 2, threads: int = 1, phases=("lr", "length"),
            lr_grid: dict[str, tuple[float, ...]] | None = None, limits: tuple[int, ...] = LIMITS) -> dict[str, Any]:
     """Run the selection grid (val only) in ``out`` and write ``out/selection.json``."""
-    from demo.run import FULL, SRRun, run_demo, write_json
+    from common import write_json
+    from demo.run import FULL, SRRun, run_demo
 
     out = Path(out)
     lr_grid = lr_grid or LR_GRID

@@ -185,9 +185,12 @@ def differences(folders: dict[int, Path], sizes=(3, 5, 7), other_mode_row: str |
 
 
 def run_study(out: str | Path, seeds: list[int], jobs: int = 2, threads: int = 1, run: bool = True,
-              n_boot: int = 10000) -> dict[str, Any]:
+              n_boot: int = 10000, all_rows: bool = True) -> dict[str, Any]:
     """Run (or reuse) the study rows for every seed, then write ``study.json`` / ``study.html``
-    and the study section of ``report.html``. ``run=False`` only aggregates finished seeds."""
+    and the study section of ``report.html``. ``run=False`` only aggregates finished seeds;
+    ``all_rows=False`` runs only the rows of ``make demo`` (``demo.run.DEFAULT_RUNS``: the headline,
+    its SR-random control and SR + BagCurri from the sparse MLE); differences whose rows are
+    missing are left out."""
     from demo.report import write_study_html
     from demo.run import OTHER_MODE, config_for, paper_runs, run_demo
 
@@ -196,7 +199,7 @@ def run_study(out: str | Path, seeds: list[int], jobs: int = 2, threads: int = 1
     for seed, folder in folders.items():
         if run:
             print(f"[study] seed {seed} in {folder}", file=sys.stderr)
-            run_demo(folder, cfg=config_for(False, seed, study=True), jobs=jobs, threads=threads,
+            run_demo(folder, cfg=config_for(False, seed, study=all_rows), jobs=jobs, threads=threads,
                      command="python -m demo.study")
         if not (folder / "results.json").is_file():
             raise FileNotFoundError(f"{folder / 'results.json'} is missing: run `python -m demo.study --out {out} "
@@ -214,12 +217,12 @@ def run_study(out: str | Path, seeds: list[int], jobs: int = 2, threads: int = 1
         "differences": differences(folders, tuple(meta["bag_sizes"]), other, n_boot),
         "n_boot": n_boot,
     }
-    from demo.run import write_json
+    from common import write_json
 
     write_json(out / "study.json", study)
     write_study_html(out, study)
     if 0 in folders and run:  # refresh seed 0's report: it shows the study section
-        run_demo(folders[0], cfg=config_for(False, 0, study=True), jobs=jobs, threads=threads,
+        run_demo(folders[0], cfg=config_for(False, 0, study=all_rows), jobs=jobs, threads=threads,
                  command="python -m demo.study")
     return study
 
@@ -231,11 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes per seed (default: 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
     parser.add_argument("--no_run", action="store_true", help="only aggregate seeds that are already finished")
+    parser.add_argument("--rows", choices=["all", "default"], default="all",
+                        help="all: every row of the paper's experiments (default); default: only the rows of make demo")
     parser.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples (default: 10000)")
     args = parser.parse_args(argv)
     try:
         study = run_study(args.out, args.seeds, jobs=args.jobs, threads=args.threads, run=not args.no_run,
-                          n_boot=args.n_boot)
+                          n_boot=args.n_boot, all_rows=args.rows == "all")
     except (FileNotFoundError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -33,11 +33,13 @@ from __future__ import annotations
 import logging
 import sys
 
+from common import format_table, write_json
+
 from .benchmarks import (BENCHMARKS, BenchmarkData, BenchmarkRequestError, EvalSet, ImageCoDeData, ImageFolder,
                          TrueMatchData, load_benchmarks, load_imagecode, load_references, load_truematch)
 from .captions import match_captions, norm_id, read_captions, write_captions
 from .scoring import JudgeSettings, evaluate_captions, evaluate_file, load_metric, nlg_scores, vocabulary_stats
-from .tables import format_table, leaderboard_csv, leaderboard_markdown, write_json
+from .tables import leaderboard_csv, leaderboard_markdown
 
 __all__ = [
     "BENCHMARKS", "BenchmarkData", "BenchmarkRequestError", "EvalSet", "ImageCoDeData", "ImageFolder",

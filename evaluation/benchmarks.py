@@ -19,12 +19,13 @@ project's one image loader when a judge or a captioner needs them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import not_found, read_json
 
 from .captions import file_ids, norm_id
 
@@ -51,7 +52,7 @@ class ImageFolder:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"images folder not found: {self.root}")
+            raise not_found("images folder", self.root)
         self._by_stem: dict[str, Path] = {}
         for dirpath, _, files in sorted(os.walk(self.root)):
             for name in sorted(files):
@@ -157,7 +158,7 @@ def load_truematch(source: str, sizes: list[int], images_dir: str | None = None)
         for s in sizes:
             f = src / f"{s}.json"
             if not f.is_file():
-                raise FileNotFoundError(f"{f} not found (asked for bag size {s}; see --bag-sizes)")
+                raise not_found(f"bags of size {s}", f, "see --bag-sizes")
             for n, bag in enumerate(read_authors_bags(f)):
                 ids = [norm_id(c) for c in bag]
                 bags.append(ids)
@@ -174,10 +175,7 @@ def load_references(references: str, split: str = "test", images_dir: str | None
     images, or those of ``images_dir``)."""
     ref_path = Path(references)
     if ref_path.is_file():
-        try:
-            data = json.loads(ref_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{ref_path}: not valid json ({e})") from e
+        data = read_json(ref_path, "references file")
         if not isinstance(data, dict):
             raise ValueError(f"{ref_path}: expected a json object {{id: [reference captions]}}")
         refs = {norm_id(k): ([v] if isinstance(v, str) else list(v)) for k, v in data.items()}

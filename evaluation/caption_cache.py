@@ -55,7 +55,7 @@ class CaptionCache:
     """
 
     def __init__(self, cache_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
-        from .tables import write_json
+        from common import write_json
 
         self.key = settings_key(settings)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(settings.get("model", "model")).strip("/"))[-60:]

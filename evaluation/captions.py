@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from common import not_found
+
 __all__ = ["norm_id", "read_captions", "match_captions", "file_ids", "write_captions", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def read_captions(path: str | os.PathLike) -> dict[str, str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
+        raise not_found("captions file", path)
     records = _records(path)
     pairs: list[tuple[Any, Any]] = []
     if isinstance(records, dict):
@@ -154,6 +156,6 @@ def match_captions(captions: dict[str, str], known_ids: set[str] | None = None) 
 
 def write_captions(path: str | os.PathLike, captions: dict[str, str]) -> Path:
     """Write ``{id: caption}`` as a json captions file (atomically: a reader never sees half a file)."""
-    from .tables import write_json
+    from common import write_json
 
     return write_json(path, {str(k): v for k, v in captions.items()})

@@ -16,12 +16,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from common import write_json, write_text
+
 from .benchmarks import BenchmarkData
 from .caption_cache import caption_images
 from .captioners import ModelSpec, load_captioner, parse_model_spec
 from .captions import read_captions, write_captions
 from .scoring import JudgeSettings, evaluate_captions
-from .tables import leaderboard_csv, leaderboard_markdown, write_json, write_text
+from .tables import leaderboard_csv, leaderboard_markdown
 
 __all__ = ["run_leaderboard", "LEADERBOARD_FILES"]
 

@@ -6,9 +6,9 @@ Retrieval metrics go through the project's ``evaluate`` modules (``metrics/truem
 
 Two CLIP-based scores have similar names and different scales; the results table keeps them apart:
 ``ClipSc`` is the paper's score, ``100 * max(cos, 0)`` (0-100, reported with RD100 in NDLB Table 2;
-the modules' ``clip_score`` key in the ``truematch`` and ``rd*`` results), ``CLIP-S`` is Hessel et
-al.'s CLIPScore, ``2.5 * max(cos("A photo depicts " + caption), 0)`` (0-2.5, shown x100; the
-``clipscore`` results).
+the ``clipsc`` key of the ``truematch`` and ``rd*`` results), ``CLIP-S`` is Hessel et al.'s
+CLIPScore, ``2.5 * max(cos("A photo depicts " + caption), 0)`` (0-2.5, shown x100; the
+``clip_score`` key of the ``clipscore`` results).
 
 Every image that a benchmark needs but the captions lack is reported by id and counted as wrong
 (R@1) / zero (scores); captions for ids that no benchmark holds are counted and named; nothing is
@@ -246,7 +246,7 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
         results[f"rd{k + 1}"] = {**out, "eval_set": eval_set.source}
         missing_all[f"rd{k + 1}"] = out["missing"]
         table[f"RD{k + 1}"] = _pct(out["recall_at_1"])
-        table["ClipSc"] = out["clip_score"]
+        table["ClipSc"] = out["clipsc"]
 
     if "clipscore" in wanted:
         refs = eval_set.references
@@ -296,7 +296,7 @@ def evaluate_captions(captions: dict[str, str], data: BenchmarkData, judge=None,
                                    "context_length": judge.context_length, "of": len(scored_texts)}
     results["table"] = table
     results["missing"] = missing_all
-    from .tables import json_safe
+    from common import json_safe
 
     return json_safe(results)
 

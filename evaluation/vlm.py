@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["GenerationSettings", "ImageTextToText", "decode_new_tokens", "is_template_error",
-           "merge_system_parts", "SYSTEM_MODES"]
+           "merge_system_parts", "render_chat", "SYSTEM_MODES"]
 
 SYSTEM_MODES = ("auto", "system", "merge")
 
@@ -81,6 +81,24 @@ def is_template_error(e: Exception) -> bool:
     except ImportError:  # pragma: no cover - jinja2 ships with transformers
         return False
     return isinstance(e, TemplateError)
+
+
+def render_chat(renderer: Any, conv: list[dict[str, Any]], system_mode: str,
+                merge: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+                mode_used: str | None = None) -> tuple[str, str]:
+    """``(prompt text, system mode used)`` of one conversation through ``renderer``'s (a tokenizer's
+    or processor's) chat template, generation prompt included. ``system_mode`` "merge" moves the
+    system turn into the first user turn first (with ``merge``); "auto" does so only when the
+    template rejects a system role; ``mode_used`` is the mode an earlier call settled on (kept)."""
+    if system_mode == "merge":
+        conv = merge(conv)
+    try:
+        text = renderer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        return text, mode_used or ("merge" if system_mode == "merge" else "system")
+    except Exception as e:  # a template without system role raises a jinja2 TemplateError
+        if system_mode != "auto" or not is_template_error(e) or conv[0]["role"] != "system":
+            raise
+        return renderer.apply_chat_template(merge(conv), tokenize=False, add_generation_prompt=True), "merge"
 
 
 def decode_new_tokens(out, input_ids, gen, tokenizer, max_new_tokens: int) -> list[tuple[str, str]]:
@@ -179,17 +197,8 @@ class ImageTextToText:
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")
         conv = [{"role": m["role"], "content": ([{"type": "image"}] if i == last else [])
                  + [{"type": "text", "text": m["content"]}]} for i, m in enumerate(messages)]
-        if self.system_mode == "merge":
-            conv = merge_system_parts(conv)
-        try:
-            text = self.processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-            self.system_mode_used = self.system_mode_used or ("merge" if self.system_mode == "merge" else "system")
-        except Exception as e:  # a template without system role raises a jinja2 TemplateError
-            if self.system_mode != "auto" or not is_template_error(e) or conv[0]["role"] != "system":
-                raise
-            text = self.processor.apply_chat_template(merge_system_parts(conv), tokenize=False,
-                                                      add_generation_prompt=True)
-            self.system_mode_used = "merge"
+        text, self.system_mode_used = render_chat(self.processor, conv, self.system_mode, merge_system_parts,
+                                                  self.system_mode_used)
         return text
 
     def generate(self, images: Sequence, prompts: Sequence[str | None]) -> list[tuple[str, str]]:

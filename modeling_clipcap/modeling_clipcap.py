@@ -19,10 +19,12 @@ hooks (`_update_finished_beams`, `_check_early_stop_heuristic`) are overridden f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,18 +42,6 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_clipcap import LENGTH_NORMALIZATIONS, ClipCapConfig
-from .pipeline_clipcap import custom_pipelines_entry
-
-# The Auto classes a saved folder loads with under `trust_remote_code=True`, as written into its
-# config.json by every `save_pretrained` (upload_model.py adds nothing): class references are
-# "<file>.<class>" of the remote-code files saved beside the weights. `modeling_clipcap/__init__.py`
-# registers the same classes with these Auto classes in this repository.
-AUTO_MAP = {
-    "AutoConfig": "configuration_clipcap.ClipCapConfig",
-    "AutoModel": "modeling_clipcap.ClipCapForCaptioning",
-    "AutoModelForImageTextToText": "modeling_clipcap.ClipCapForCaptioning",
-    "AutoProcessor": "processing_clipcap.ClipCapProcessor",
-}
 
 
 class EndAfterStopTokenLogitsProcessor(LogitsProcessor):
@@ -192,6 +182,19 @@ class ClipCapPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["CLIPEncoderLayer", "GPT2Block", "ClipCapMapperLayer"]
+    # Called as `hook(model, save_directory)` by `save_pretrained` before transformers writes the folder
+    # (on the saving rank). In this repository `import modeling_clipcap` adds the one that writes the
+    # folder's remote-code entries (`modeling_clipcap.AUTO_MAP`, the "image-to-text" pipeline and its
+    # file). A process that loaded this file as remote code has none: its config keeps the entries, and
+    # `pipeline.save_pretrained` (not the model's alone) copies the pipeline's file there.
+    save_hooks: ClassVar[list[Callable[[PreTrainedModel, str | os.PathLike], None]]] = []
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        if self.save_hooks and kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):
+            os.makedirs(save_directory, exist_ok=True)
+            for hook in self.save_hooks:
+                hook(self, save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         from transformers import initialization as init
@@ -243,10 +246,6 @@ class ClipCapForCaptioning(ClipCapPreTrainedModel, GenerationMixin):
             self.vision_model.requires_grad_(False)
         self.post_init()
         self.generation_config = default_generation_config(config)
-        # saved folders load with every Auto class of AUTO_MAP and carry the "image-to-text" pipeline
-        # (the code files, pipeline_clipcap.py included, travel as remote code)
-        self.config.auto_map = dict(AUTO_MAP)
-        self.config.custom_pipelines = custom_pipelines_entry()
 
     @classmethod
     def from_clip_gpt2_pretrained(
@@ -469,7 +468,6 @@ def default_generation_config(config: ClipCapConfig) -> GenerationConfig:
 
 
 __all__ = [
-    "AUTO_MAP",
     "ClipCapForCaptioning",
     "ClipCapPreTrainedModel",
     "EndAfterStopTokenLogitsProcessor",

@@ -25,9 +25,10 @@ and a size cap (``max_image_bytes``, default 50 MiB).
 
 This file is remote code: it imports only numpy, torch, transformers and its sibling
 ``image_loading.py`` (never the rest of the repository), so that ``trust_remote_code=True`` can
-load it in a process that has never seen this project. ``upload_model.py`` (and
-:meth:`ClipCapCaptioningPipeline.save_pretrained`) put both files beside the model and write the
-config entry (:func:`custom_pipelines_entry`).
+load it in a process that has never seen this project. Every ``save_pretrained`` of the model in
+this repository (the save hook that ``import modeling_clipcap`` registers) and
+:meth:`ClipCapCaptioningPipeline.save_pretrained` put both files beside the model and write the
+config entry (:func:`custom_pipelines_entry`); the model's own file does not import this one.
 
 In this repository, with a model object at hand, build the pipeline directly
 (``ClipCapCaptioningPipeline(model=model, processor=processor)``) or pass

@@ -43,7 +43,7 @@ def test_sr_step_on_cuda_in_bf16_updates_the_adapters(tmp_path, tokenizer, tiny_
 
 
 def test_mining_on_cuda_equals_cpu():
-    from datasets_scripts.truematch import knn
+    from datasets_scripts.truematch_mining import knn
 
     g = torch.Generator().manual_seed(0)
     m = torch.nn.functional.normalize(torch.randn(3000, 64, generator=g), dim=1)

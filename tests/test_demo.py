@@ -131,11 +131,11 @@ def test_stage_fingerprints_redo_exactly_what_a_changed_setting_touches(tmp_path
 
     base = {s.name: s.fingerprint for s in stage_graph(FULL, Paths(tmp_path))}
     assert len(set(base.values())) == len(base)  # every stage has its own
-    changed = {s.name for s in stage_graph(replace(FULL, sr_lr=FULL.sr_lr * 2), Paths(tmp_path))
+    changed = {s.name for s in stage_graph(replace(FULL, sr_lora_lr=FULL.sr_lora_lr * 2), Paths(tmp_path))
                if s.fingerprint != base[s.name]}
-    full_runs = {r.name for r in FULL.sr_runs if r.lora_modules == "none"}
-    assert HEADLINE in full_runs
-    assert changed == full_runs | {f"{k}_{r}" for r in full_runs for k in ("val", "eval")}
+    lora_runs = {r.name for r in FULL.sr_runs if r.lora_modules != "none"}
+    assert HEADLINE in lora_runs
+    assert changed == lora_runs | {f"{k}_{r}" for r in lora_runs for k in ("val", "eval")}
     judge = {s.name for s in stage_graph(replace(FULL, judge_b=dict(FULL.judge_b, steps=1)), Paths(tmp_path))
              if s.fingerprint != base[s.name]}
     assert "judge_b" in judge and "mining" in judge and "mle" not in judge and "judge_a" not in judge

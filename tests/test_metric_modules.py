@@ -80,7 +80,7 @@ def test_truematch_known_values(judge, text_emb):
     assert out["missing"] == [7] and out["num_missing"] == 1
     assert out["per_bag"][0] == {"bag": [0, 1, 2], "correct": [False, True, False]}
     cos20 = float(t[2] @ t[0])
-    assert out["clip_score"] == pytest.approx((6 * 100 + 100 * max(cos20, 0) + 0) / 8, abs=1e-4)
+    assert out["clipsc"] == pytest.approx((6 * 100 + 100 * max(cos20, 0) + 0) / 8, abs=1e-4)
 
 
 def test_truematch_ids_and_errors(judge, text_emb):
@@ -110,7 +110,7 @@ def test_truematch_matches_independent_computation_on_images(judge):
             expected.append(all(s[i] > s[j] for j in bag if j != i))
     assert out["recall_at_1"] == pytest.approx(np.mean(expected))
     assert out["recall_at_1_bag_3"] == pytest.approx(np.mean(expected[:3] + expected[8:]))
-    assert out["clip_score"] == pytest.approx(np.mean([100 * max(txt[i] @ img[i], 0) for i in range(8)]), abs=1e-3)
+    assert out["clipsc"] == pytest.approx(np.mean([100 * max(txt[i] @ img[i], 0) for i in range(8)]), abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_rd_known_values(judge, text_emb):
     assert out["correct"] == expected and out["candidates"] == cand.tolist()
     assert out["recall_at_1"] == pytest.approx(sum(expected) / 8)
     assert out["num_candidates"] == 4 and out["missing"] == ["h"]
-    assert out["clip_score"] == pytest.approx(100 * 7 / 8, abs=1e-4)
+    assert out["clipsc"] == pytest.approx(100 * 7 / 8, abs=1e-4)
     with pytest.raises(ValueError, match="at least 100 images"):
         load("self_retrieval").compute(predictions=preds, image_embeddings=t, judge=judge)  # RD100 on 8
 
@@ -148,7 +148,7 @@ def test_image_sets_known_values(judge, text_emb):
     assert out["recall_at_1"] == pytest.approx(1 / 3)
     assert out["recall_at_1_video"] == pytest.approx(1 / 2) and out["recall_at_1_static"] == 0.0
     assert out["missing"] == [2] and out["num_candidates"] == 3
-    assert out["clip_score"] == pytest.approx((100 + 100) / 3, abs=1e-4)
+    assert out["clipsc"] == pytest.approx((100 + 100) / 3, abs=1e-4)
 
 
 def test_load_imagecode_and_set_mode_on_files(judge, tmp_path):
@@ -282,7 +282,7 @@ def test_pil_images_and_paths_give_the_same_result(judge, tmp_path):
     m = load("truematch")
     a = m.compute(predictions=CAPTIONS[:3], images=images, bags=[[0, 1, 2]], judge=judge, return_details=True)
     b = m.compute(predictions=CAPTIONS[:3], images=paths, bags=[[0, 1, 2]], judge=judge, return_details=True)
-    assert a["per_bag"] == b["per_bag"] and a["clip_score"] == pytest.approx(b["clip_score"], abs=1e-4)
+    assert a["per_bag"] == b["per_bag"] and a["clipsc"] == pytest.approx(b["clipsc"], abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +340,8 @@ def test_add_batch_takes_none_as_a_missing_caption(judge, text_emb):
         single = load(name)
         single.add_batch(predictions=[None, None])
         result = single.compute(image_embeddings=text_emb[:2], bags=[[0, 1]], num_distractors=1, judge=judge)
-        assert result["missing"] == [0, 1] and result["clip_score"] == 0.0
+        score = "clip_score" if name == "clip_score" else "clipsc"  # Hessel's CLIPScore / the paper's ClipSc
+        assert result["missing"] == [0, 1] and result[score] == 0.0
         assert result.get("recall_at_1", 0.0) == 0.0
 
 

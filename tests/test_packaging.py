@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 SCRIPTS = PYPROJECT["project"]["scripts"]
-PACKAGE_DIRS = ("modeling_clipcap", "trainers", "metrics", "datasets_scripts", "evaluation")
+PACKAGE_DIRS = ("modeling_clipcap", "trainers", "metrics", "datasets_scripts", "evaluation", "publishing")
 
 
 def source_files() -> list[str]:
@@ -88,13 +88,13 @@ def test_pip_install_then_console_scripts_from_another_folder(tmp_path):
 import importlib.util, json
 import datasets_scripts.review_bags, datasets_scripts.truematch, datasets_scripts.vcb.prompts as prompts
 import evaluate_captions, evaluation
-from modeling_clipcap import model_card
+from publishing import model_card
 files = [model_card.TEMPLATE, datasets_scripts.review_bags.TEMPLATE, datasets_scripts.truematch.CARD_TEMPLATE,
          *[prompts.DEFAULT_PROMPTS_DIR / f"{{n}}.yaml" for n in ("blendcap", "visualcap", "holisticcap")]]
 cider = evaluation.load_metric("cider_d").compute(predictions=["a dog runs.", None],
                                                   references=[["a dog runs."], ["a cat."]])
-names = ("evaluate_captions", "evaluation", "inference", "metrics", "modeling_clipcap", "ndlb_cli", "trainers",
-         "train_sr", "train_mle", "upload_model", "datasets_scripts")
+names = ("evaluate_captions", "evaluation", "inference", "metrics", "modeling_clipcap", "ndlb_cli", "publishing",
+         "trainers", "train_sr", "train_mle", "upload_model", "datasets_scripts")
 print(json.dumps({{"modules": [importlib.util.find_spec(n).origin for n in names],
                    "missing_files": [str(f) for f in files if not f.is_file()], "cider_missing": cider["missing"]}}))
 """

@@ -23,7 +23,8 @@ from PIL import Image
 import upload_model
 from datasets_scripts import publish
 from modeling_clipcap import ClipCapConfig, ClipCapForCaptioning
-from modeling_clipcap.model_card import infer_base_models
+from publishing import hub
+from publishing.model_card import infer_base_models
 from tests import tiny
 from tests.test_converters import HEAD_ARGS, AuthorsSender, write_release
 from tests.test_pipeline import distinct_images, perturbed_clipcap
@@ -91,7 +92,7 @@ class RecordingHfApi:
 @pytest.fixture
 def fake_hub(monkeypatch):
     RecordingHfApi.calls = []
-    monkeypatch.setattr(publish, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(hub, "HfApi", RecordingHfApi)
     return RecordingHfApi
 
 
@@ -468,7 +469,8 @@ def test_truematch_problems_are_refused(truematch_src, tmp_path, capsys):
 
 
 def test_holisticcap_is_validated_completed_and_staged(tmp_path):
-    from datasets_scripts.vcb import STAGES, EchoBackend, export_holisticcap, load_prompt, load_split, run_stage
+    from datasets_scripts.vcb import (STAGES, EchoBackend, StageSettings, export_holisticcap, load_prompt, load_split,
+                                      run_stage)
     from tests.test_vcb_support import make_coco
 
     coco = make_coco(tmp_path, {"train": [1, 2, 3, 4], "val": [5, 6], "test": [7]})
@@ -477,7 +479,7 @@ def test_holisticcap_is_validated_completed_and_staged(tmp_path):
     for split in ("train", "val"):
         for stage in STAGES:
             run_stage(stage, load_split(coco, split), run, vlm if stage == "visualcap" else llm, load_prompt(stage),
-                      progress=False)
+                      StageSettings(progress=False))
     tok = tmp_path / "tok"
     tiny.build_tokenizer().save_pretrained(tok)
     src = tmp_path / "holisticcap"

@@ -1,6 +1,6 @@
 """Remote code (issue 16.5): `auto_map` is defined once (``modeling_clipcap.AUTO_MAP``), covers every
-Auto class the package registers, is what a plain ``save_pretrained`` and ``upload_model.py`` write,
-and every one of those Auto classes (plus AutoTokenizer, AutoImageProcessor and the "image-to-text"
+Auto class the package registers, is what a plain ``save_pretrained`` and ``upload_model.py``
+(``publishing.model_staging``) write, and every one of those Auto classes (plus AutoTokenizer, AutoImageProcessor and the "image-to-text"
 pipeline) loads a saved tiny model in a fresh process that cannot import this repository."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import transformers
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
-import upload_model
 from modeling_clipcap import AUTO_MAP, ClipCapConfig, ClipCapForCaptioning, ClipCapProcessor
+from publishing.model_staging import save_model_folder
 from tests import tiny
 
 CLASSES = {"ClipCapConfig": ClipCapConfig, "ClipCapForCaptioning": ClipCapForCaptioning,
@@ -59,13 +59,23 @@ def test_plain_save_pretrained_writes_what_an_upload_writes(tiny_clipcap_dir, to
     plain = json.loads((tiny_clipcap_dir / "config.json").read_text())
     assert plain["auto_map"] == AUTO_MAP
     model, processor = tiny.build_tiny_clipcap(tokenizer)
-    upload_model.save_model_folder(model, processor, tmp_path)
+    save_model_folder(model, processor, tmp_path)
     staged = json.loads((tmp_path / "config.json").read_text())
     assert staged == plain
     for name in ("processor_config.json", "tokenizer_config.json"):
         assert json.loads((tmp_path / name).read_text()) == json.loads((tiny_clipcap_dir / name).read_text())
     assert json.loads((tmp_path / "processor_config.json").read_text())["auto_map"] == {
         "AutoProcessor": AUTO_MAP["AutoProcessor"]}
+
+
+def test_the_model_leaves_its_config_alone_and_a_save_writes_the_entries(tokenizer, tmp_path):
+    model, _ = tiny.build_tiny_clipcap(tokenizer)
+    assert getattr(model.config, "auto_map", None) is None
+    assert getattr(model.config, "custom_pipelines", None) is None
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"] == AUTO_MAP and set(saved["custom_pipelines"]) == {"image-to-text"}
+    assert (tmp_path / "pipeline_clipcap.py").is_file()
 
 
 FRESH = """

@@ -1,12 +1,12 @@
-"""Clean-up of LLM/VLM outputs (issue 6): a table of real-looking model answers, the caption
+"""Clean-up of LLM/VLM outputs: a table of real-looking model answers, the caption
 each should become, and the flags it should get (flagged outputs are kept, not dropped)."""
 
 from __future__ import annotations
 
 import pytest
 
-from datasets_scripts.vcb import (EchoBackend, caption_flags, clean_caption, load_prompt, load_split, read_records,
-                                  run_stage)
+from datasets_scripts.vcb import (EchoBackend, StageSettings, caption_flags, clean_caption, load_prompt, load_split,
+                                  read_records, run_stage)
 from datasets_scripts.vcb.backends import GenResult
 from tests.test_vcb_support import make_coco
 
@@ -95,7 +95,7 @@ def test_pipeline_counts_flags_and_keeps_flagged_records(tmp_path):
         def generate(self, requests):
             return [GenResult(r.cocoid, answers[r.cocoid], "length" if r.cocoid == 4 else "stop") for r in requests]
 
-    rep = run_stage("blendcap", data, tmp_path / "out", Scripted(), load_prompt("blendcap"), progress=False)
+    rep = run_stage("blendcap", data, tmp_path / "out", Scripted(), load_prompt("blendcap"), StageSettings(progress=False))
     assert rep.new == 4 and rep.flagged == 3
     assert rep.flag_counts == {"empty": 1, "refusal": 1, "repetitive": 1, "truncated": 1}
     recs = read_records(tmp_path / "out" / "blendcap")

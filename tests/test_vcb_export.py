@@ -1,4 +1,4 @@
-"""Export of the HolisticCap dataset folder (issue 6): ``load_dataset`` reads it, values and
+"""Export of the HolisticCap dataset folder: ``load_dataset`` reads it, values and
 provenance match the run's records, and the App. A.2 length table matches an independent count."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from datasets_scripts.vcb import (STAGES, EchoBackend, caption_length_stats, export_holisticcap, load_prompt,
-                                  load_split, read_records, run_stage)
+                                  StageSettings, load_split, read_records, run_stage)
 from tests.test_vcb_support import coco_captions, make_coco
 from tests.tiny import build_tokenizer
 
@@ -30,8 +30,8 @@ def run(tmp_path_factory):
     for split in ("train", "val"):
         data = load_split(coco, split)
         for stage in STAGES:
-            run_stage(stage, data, out, vlm if stage == "visualcap" else llm, load_prompt(stage), progress=False,
-                      limit=1 if (split, stage) == ("val", "holisticcap") else None)
+            run_stage(stage, data, out, vlm if stage == "visualcap" else llm, load_prompt(stage),
+                      StageSettings(progress=False, limit=1 if (split, stage) == ("val", "holisticcap") else None))
     tok_dir = root / "tok"
     build_tokenizer().save_pretrained(tok_dir)
     return {"root": root, "coco": coco, "out": out, "tok_dir": str(tok_dir)}

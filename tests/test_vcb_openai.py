@@ -1,4 +1,4 @@
-"""The `openai` backend against a real local HTTP server that injects faults (issue 6):
+"""The `openai` backend against a real local HTTP server that injects faults:
 outputs are correct per id, the reported retries match the injected faults, Retry-After is
 respected, client errors are reported with the id, status and server message."""
 
@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from datasets_scripts.vcb import load_prompt, load_split, read_records, run_stage
+from datasets_scripts.vcb import StageSettings, load_prompt, load_split, read_records, run_stage
 from datasets_scripts.vcb.backends import GenRequest
 from datasets_scripts.vcb.openai_backend import (OpenAIChatBackend, backoff_delay, image_data_url,
                                                  parse_retry_after)
@@ -31,7 +31,7 @@ def _run_all(data, out, url, **kw):
     llm = OpenAIChatBackend(LLM, url, concurrency=4, **{**FAST, **kw})
     vlm = OpenAIChatBackend(VLM, url, concurrency=4, **{**FAST, **kw})
     try:
-        reports = [run_stage(s, data, out, b, load_prompt(s), shard_size=5, progress=False)
+        reports = [run_stage(s, data, out, b, load_prompt(s), StageSettings(shard_size=5, progress=False))
                    for s, b in (("blendcap", llm), ("visualcap", vlm), ("holisticcap", llm))]
     finally:
         llm.close()
@@ -83,7 +83,8 @@ def test_client_error_names_id_status_and_server_message(coco, tmp_path, status)
     with FakeOpenAIServer(client_error=(marker, status)) as srv:
         llm = OpenAIChatBackend(LLM, srv.url, concurrency=2, chunk_size=4, **FAST)
         with pytest.raises(VCBError) as err:
-            run_stage("blendcap", data, tmp_path / "out", llm, load_prompt("blendcap"), shard_size=2, progress=False)
+            run_stage("blendcap", data, tmp_path / "out", llm, load_prompt("blendcap"),
+                      StageSettings(shard_size=2, progress=False))
         msg = str(err.value)
         assert f"cocoid {bad_id}" in msg and f"HTTP {status}" in msg
         assert "maximum context length is 32 tokens" in msg and "not retried" in msg
@@ -94,8 +95,8 @@ def test_client_error_names_id_status_and_server_message(coco, tmp_path, status)
         assert set(done) == set(IDS[:4]) - {bad_id}
 
         # on_error="skip": the run finishes, the id is listed as failed and left for a rerun
-        report = run_stage("blendcap", data, tmp_path / "out", llm, load_prompt("blendcap"), shard_size=2,
-                           on_error="skip", progress=False)
+        report = run_stage("blendcap", data, tmp_path / "out", llm, load_prompt("blendcap"),
+                           StageSettings(shard_size=2, on_error="skip", progress=False))
         llm.close()
     assert report.failed_ids == [bad_id] and report.status == "finished"
     assert set(read_records(tmp_path / "out" / "blendcap")) == set(IDS) - {bad_id}
@@ -107,7 +108,8 @@ def test_retries_exhausted_is_reported(coco, tmp_path):
     with FakeOpenAIServer(always_500_marker=coco_captions(bad_id)[2]) as srv:
         llm = OpenAIChatBackend(LLM, srv.url, concurrency=2, max_retries=3, **FAST)
         with pytest.raises(VCBError, match=rf"cocoid {bad_id}.*gave up after 3 retries.*HTTP 500: this prompt always"):
-            run_stage("blendcap", data, tmp_path / "out", llm, load_prompt("blendcap"), ids=IDS[:3], progress=False)
+            run_stage("blendcap", data, tmp_path / "out", llm, load_prompt("blendcap"),
+                      StageSettings(ids=IDS[:3], progress=False))
         llm.close()
     assert llm.retry_counts == Counter({"http_5xx": 3})
     assert set(read_records(tmp_path / "out" / "blendcap")) == set(IDS[1:3])
@@ -196,7 +198,7 @@ def test_cli_openai_backend_wiring(coco, tmp_path, monkeypatch):
 
 def test_trickling_answer_times_out_per_attempt_and_is_retried():
     """A server that sends one byte every 0.5 s never trips httpx's per-read timeout; each attempt
-    still ends at `timeout` (overall), counts as a timeout and is retried (issue 17.1)."""
+    still ends at `timeout` (overall), counts as a timeout and is retried."""
     import json
     import time
 

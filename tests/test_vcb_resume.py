@@ -1,4 +1,4 @@
-"""Scale and resumption of the VCB pipeline (issue 6): SIGKILL at random moments and restart
+"""Scale and resumption of the VCB pipeline: SIGKILL at random moments and restart
 gives every id exactly once; reruns skip finished ids; --limit/--ids/--shard select ids."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from datasets_scripts.vcb import (STAGES, EchoBackend, VCBError, load_prompt, load_split, parse_ids, parse_shard,
-                                  read_records, run_stage, select_ids)
+                                  StageSettings, read_records, run_stage, select_ids)
 from tests.test_vcb_support import make_coco
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def coco_path(tmp_path_factory):
 
 def _run_echo(data, out, stages=STAGES, model="echo", **kw):
     be = EchoBackend(model=model, chunk_size=4)
-    return [run_stage(s, data, out, be, load_prompt(s), progress=False, **kw) for s in stages]
+    return [run_stage(s, data, out, be, load_prompt(s), StageSettings(progress=False, **kw)) for s in stages]
 
 
 def _all_lines(out: Path, stage: str) -> list[int]:
@@ -239,7 +239,7 @@ def _manifests(stage_dir: Path) -> list[dict]:
 
 def test_sigkilled_run_leaves_a_manifest_with_current_counts_then_marked_killed(coco_path, tmp_path):
     """The manifest is rewritten after each shard: a SIGKILL leaves the counts and the retries of
-    what was written (issue 17.8); the next run marks it `killed` and finishes the work."""
+    what was written; the next run marks it `killed` and finishes the work."""
     from tests.test_vcb_support import LLM, FakeOpenAIServer
 
     out = tmp_path / "run"

@@ -1,7 +1,7 @@
 """Batches made of whole hard-negative bags, and the bag-size curriculum (NDLB Sec. 4.6, App. B.2-B.3).
 
 - :class:`BagBatchSampler` yields each batch as whole training bags (from
-  ``datasets_scripts.truematch.training_bags``): every image of a bag lands in the same batch, so
+  ``datasets_scripts.truematch_mining.training_bags``): every image of a bag lands in the same batch, so
   the self-retrieval reward sees its hard negatives. Bag size ``0`` (or ``None``) means random
   in-batch distractors (DiscriTune). A batch never straddles processes or gradient-accumulation
   steps, because accelerate hands out whole batches.

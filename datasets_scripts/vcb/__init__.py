@@ -14,7 +14,7 @@ from .backends import Backend, EchoBackend, GenRequest, GenResult, merge_system
 from .cleanup import FLAGS, caption_flags, clean_caption
 from .data import CocoSplit, load_dataset_dict, load_split, parse_ids, parse_shard, select_ids
 from .export import caption_length_stats, export_holisticcap, length_table
-from .pipeline import StageReport, VCBError, mark_killed_runs, run_stage, stage_records
+from .pipeline import StageReport, StageSettings, VCBError, mark_killed_runs, run_stage, stage_records
 from .prompts import DEFAULT_PROMPTS_DIR, STAGES, PromptTemplate, load_prompt, load_prompts
 from .registry import BACKENDS, make_backend
 from .store import ShardStore, read_records
@@ -23,7 +23,7 @@ __all__ = [
     "STAGES", "FLAGS", "DEFAULT_PROMPTS_DIR", "PromptTemplate", "load_prompt", "load_prompts",
     "Backend", "EchoBackend", "GenRequest", "GenResult", "BACKENDS", "make_backend", "merge_system",
     "clean_caption", "caption_flags", "CocoSplit", "load_dataset_dict", "load_split", "parse_ids", "parse_shard",
-    "select_ids", "ShardStore", "read_records", "StageReport", "VCBError", "mark_killed_runs", "run_stage",
+    "select_ids", "ShardStore", "read_records", "StageReport", "StageSettings", "VCBError", "mark_killed_runs", "run_stage",
     "stage_records",
     "export_holisticcap", "caption_length_stats", "length_table",
 ]

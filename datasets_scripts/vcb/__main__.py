@@ -21,7 +21,7 @@ from .backends import Backend
 from .registry import BACKENDS, make_backend
 from .data import load_split, parse_ids, parse_shard
 from .export import DEFAULT_TOKENIZER, export_holisticcap
-from .pipeline import StageReport, VCBError, run_stage
+from .pipeline import StageReport, StageSettings, VCBError, run_stage
 from .prompts import STAGES, SYSTEM_MODES, load_prompt
 
 __all__ = ["main", "build_parser"]
@@ -143,11 +143,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = [s for s in STAGES if s in stages]
     data = load_split(args.dataset, args.split)
     templates = {s: load_prompt(s, args.prompts_dir) for s in stages}
-    common = dict(ids=parse_ids(args.ids), limit=args.limit, shard=parse_shard(args.shard),
-                  shard_size=args.shard_size, flush_every_s=args.flush_every, system_mode=args.system_mode,
-                  on_error=args.on_error, allow_mixed_provenance=args.allow_mixed_provenance,
-                  min_words=args.min_words, progress=not args.no_progress,
-                  manifest_extra={"argv": sys.argv[1:]})
+    settings = StageSettings(ids=parse_ids(args.ids), limit=args.limit, shard=parse_shard(args.shard),
+                             shard_size=args.shard_size, flush_every_s=args.flush_every, system_mode=args.system_mode,
+                             on_error=args.on_error, allow_mixed_provenance=args.allow_mixed_provenance,
+                             min_words=args.min_words, progress=not args.no_progress,
+                             manifest_extra={"argv": sys.argv[1:]})
     backends: dict[bool, Backend] = {}
     reports: list[StageReport] = []
     try:
@@ -155,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             vision = stage == "visualcap"
             if vision not in backends:
                 backends[vision] = _backend(args, vision)
-            reports.append(run_stage(stage, data, args.out, backends[vision], templates[stage], **common))
+            reports.append(run_stage(stage, data, args.out, backends[vision], templates[stage], settings))
     finally:
         for b in backends.values():
             b.close()

@@ -9,12 +9,13 @@ local models.
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from common import not_found
 
 __all__ = ["CocoSplit", "load_dataset_dict", "load_split", "select_ids", "parse_ids", "parse_shard"]
 
@@ -61,8 +62,7 @@ def load_dataset_dict(path: str | Path):
 
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"COCO dataset {p} not found; build it with datasets_scripts.coco "
-                                "(format: docs/formats.md)")
+        raise not_found("COCO dataset", p, "build it with datasets_scripts.coco (format: docs/formats.md)")
     if p.is_dir() and (p / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(p))
     if p.is_dir() and (p / "state.json").is_file():
@@ -137,10 +137,10 @@ class CocoSplit:
         return out
 
     def images(self, ids: list[int]):
-        """Decoded RGB PIL images of each id."""
-        from PIL import Image
+        """Decoded RGB PIL images of each id (the project's one loader: EXIF-orientated, transparency on white)."""
+        from metrics.image_loading import open_image
 
-        return [None if b is None else Image.open(io.BytesIO(b)).convert("RGB") for b in self.image_bytes(ids)]
+        return [None if b is None else open_image(b) for b in self.image_bytes(ids)]
 
 
 def load_split(path: str | Path, split: str = "train") -> CocoSplit:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from evaluation.vlm import GenerationSettings, ImageTextToText, decode_new_tokens, is_template_error
+from evaluation.vlm import GenerationSettings, ImageTextToText, decode_new_tokens, render_chat
 
 from .backends import Backend, GenRequest, GenResult, merge_system
 
@@ -104,17 +104,8 @@ class TransformersChatBackend(_HFBase):
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt text of one conversation, generation prompt included."""
-        if self.system_mode == "merge":
-            messages = merge_system(messages)
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            self.system_mode_used = self.system_mode_used or ("merge" if self.system_mode == "merge" else "system")
-        except Exception as e:  # a template without system role raises a jinja2 TemplateError
-            if self.system_mode != "auto" or not is_template_error(e) or messages[0]["role"] != "system":
-                raise
-            text = self.tokenizer.apply_chat_template(merge_system(messages), tokenize=False,
-                                                      add_generation_prompt=True)
-            self.system_mode_used = "merge"
+        text, self.system_mode_used = render_chat(self.tokenizer, messages, self.system_mode, merge_system,
+                                                  self.system_mode_used)
         return text
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:

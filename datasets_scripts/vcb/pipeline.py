@@ -31,19 +31,56 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from common import write_json
+
 from .backends import Backend, GenRequest, GenResult
 from .cleanup import caption_flags, clean_caption
 from .data import CocoSplit, select_ids
 from .prompts import STAGES, PromptTemplate
-from .store import ShardStore, read_records, write_json_atomic
+from .store import ShardStore, read_records
 
-__all__ = ["StageReport", "VCBError", "mark_killed_runs", "run_stage", "stage_records"]
+__all__ = ["StageReport", "StageSettings", "VCBError", "mark_killed_runs", "run_stage", "stage_records"]
 
 logger = logging.getLogger(__name__)
 
 
 class VCBError(RuntimeError):
     """A stage cannot go on (failed model call, mixed provenance, missing inputs ...)."""
+
+
+@dataclass
+class StageSettings:
+    """How :func:`run_stage` runs a stage: which ids, how it saves, what it does on errors.
+
+    Args:
+        ids, limit, shard: the selection (:func:`~.data.select_ids`): explicit ids (None: all),
+            at most ``limit`` of them, shard ``(i, n)`` of them.
+        shard_size, flush_every_s: records per shard file and the longest wait before a buffered
+            record is written (:class:`~.store.ShardStore`).
+        system_mode: "auto"/"system" send a system message, "merge" puts it in the first user turn.
+        on_error: "raise" stops at the first failed call (after saving the chunk's other results);
+            "skip" leaves failed ids unwritten (a rerun retries them) and lists them in the report.
+        allow_mixed_provenance: add to a folder whose records came from another model or prompt.
+        min_words: fewer words flags a caption "too_short".
+        progress: show a tqdm bar (rate and ETA).
+        manifest_extra: more fields for the run manifest (e.g. the CLI arguments).
+    """
+
+    ids: list[int] | None = None
+    limit: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    shard_size: int = 256
+    flush_every_s: float = 60.0
+    system_mode: str = "auto"
+    on_error: str = "raise"
+    allow_mixed_provenance: bool = False
+    min_words: int = 3
+    progress: bool = True
+    manifest_extra: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
 
 
 @dataclass
@@ -121,7 +158,7 @@ def mark_killed_runs(stage_dir: Path) -> list[str]:
             continue
         manifest["status"] = manifest["report"]["status"] = "killed"
         manifest["killed_noticed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json_atomic(path, manifest)
+        write_json(path, manifest)
         killed.append(manifest.get("run_id", path.stem))
     if killed:
         logger.warning("%s: %d earlier run(s) ended without a final report (killed): %s; their manifests "
@@ -153,11 +190,53 @@ def _requests(stage: str, data: CocoSplit, ids: list[int], template: PromptTempl
                                             visualcap=inputs["visualcap"][c]["text"])) for c in ids]
 
 
-def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend, template: PromptTemplate, *,
-              ids: list[int] | None = None, limit: int | None = None, shard: tuple[int, int] = (0, 1),
-              shard_size: int = 256, flush_every_s: float = 60.0, system_mode: str = "auto",
-              on_error: str = "raise", allow_mixed_provenance: bool = False, min_words: int = 3,
-              progress: bool = True, manifest_extra: dict[str, Any] | None = None) -> StageReport:
+def _caption_record(stage: str, res: GenResult, data: CocoSplit, backend: Backend, template: PromptTemplate,
+                    run_id: str, inputs: dict[str, dict[int, dict]], min_words: int) -> dict[str, Any]:
+    """The stored record of one successful model call: cleaned caption, flags and provenance."""
+    text = clean_caption(res.text)
+    flags = caption_flags(text, res.finish_reason, min_words=min_words)
+    rec: dict[str, Any] = {"cocoid": res.cocoid, "split": data.split, "stage": stage, "text": text,
+                           "raw": res.text, "flags": flags, "finish_reason": res.finish_reason,
+                           "retries": res.retries, "model": backend.model, "backend": backend.kind,
+                           "prompt_sha256": template.sha256, "run_id": run_id}
+    if stage == "holisticcap":
+        b, v = inputs["blendcap"][res.cocoid], inputs["visualcap"][res.cocoid]
+        rec["inputs_sha256"] = hashlib.sha256(f"{b['text']}\0{v['text']}".encode()).hexdigest()[:16]
+        if b.get("flags") or v.get("flags"):
+            rec["flags"] = flags + ["input_flagged"]
+    return rec
+
+
+def _holisticcap_inputs(run_dir: Path, todo: list[int],
+                        report: StageReport) -> tuple[dict[str, dict[int, dict]], list[int]]:
+    """HolisticCap needs BlendCap and VisualCap of the same id: their records, and the ids of ``todo``
+    that have both (the others are counted in ``report.missing_inputs`` and skipped)."""
+    inputs = {s: stage_records(run_dir, s) for s in ("blendcap", "visualcap")}
+    ready = [c for c in todo if c in inputs["blendcap"] and c in inputs["visualcap"]]
+    report.missing_inputs = len(todo) - len(ready)
+    if report.missing_inputs:
+        logger.warning("holisticcap: %d ids lack blendcap and/or visualcap output and are skipped; run those "
+                       "stages first", report.missing_inputs)
+    return inputs, ready
+
+
+def _manifest(report: StageReport, started: str, data: CocoSplit, backend: Backend, template: PromptTemplate,
+              cfg: StageSettings) -> dict[str, Any]:
+    """The run manifest (``<run_dir>/<stage>/runs/<run_id>.json``) as it stands now."""
+    return {
+        "run_id": report.run_id, "stage": report.stage, "status": report.status, "started_at": started,
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "pid": os.getpid(),
+        "dataset": data.source, "split": data.split,
+        "selection": {"ids": None if cfg.ids is None else len(cfg.ids), "limit": cfg.limit,
+                      "shard": f"{cfg.shard[0]}/{cfg.shard[1]}"},
+        "generation": backend.settings(),
+        "prompt": {"source": template.source, "sha256": template.sha256, "system_mode": cfg.system_mode,
+                   "template": template.canonical()},
+        "report": asdict(report), "versions": _versions(), **(cfg.manifest_extra or {})}
+
+
+def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend, template: PromptTemplate,
+              settings: StageSettings | None = None) -> StageReport:
     """Run one VCB stage over the selected ids of ``data`` that ``run_dir`` lacks.
 
     Args:
@@ -166,64 +245,40 @@ def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend
         run_dir: output folder (one sub-folder per stage).
         backend: the model (:func:`~.registry.make_backend`).
         template: the stage's prompt (:func:`~.prompts.load_prompt`).
-        ids, limit, shard: selection, see :func:`~.data.select_ids`.
-        shard_size, flush_every_s: see :class:`~.store.ShardStore`.
-        system_mode: "auto"/"system" send a system message, "merge" puts it in the first user turn.
-        on_error: "raise" stops at the first failed call (after saving the chunk's other results);
-            "skip" leaves failed ids unwritten (a rerun retries them) and lists them in the report.
-        allow_mixed_provenance: add to a folder whose records came from another model or prompt.
-        min_words: fewer words flags a caption "too_short".
-        progress: show a tqdm bar (rate and ETA).
-        manifest_extra: more fields for the run manifest (e.g. the CLI arguments).
+        settings: selection, saving and error handling (:class:`StageSettings`; default: all ids).
 
     Returns:
         The :class:`StageReport` (also in ``<run_dir>/<stage>/runs/<run_id>.json``).
     """
+    cfg = settings or StageSettings()
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     if template.stage != stage:
         raise ValueError(f"template {template.source} is for {template.stage}, not {stage}")
-    if on_error not in ("raise", "skip"):
-        raise ValueError("on_error must be 'raise' or 'skip'")
     run_dir = Path(run_dir)
     stage_dir = run_dir / stage
-    store = ShardStore(stage_dir, writer=f"s{shard[0]}of{shard[1]}", shard_size=shard_size,
-                       flush_every_s=flush_every_s)
+    store = ShardStore(stage_dir, writer=f"s{cfg.shard[0]}of{cfg.shard[1]}", shard_size=cfg.shard_size,
+                       flush_every_s=cfg.flush_every_s)
     done = store.load()
-    if not allow_mixed_provenance:
+    if not cfg.allow_mixed_provenance:
         _check_provenance(done, backend, template, stage_dir)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
     report = StageReport(stage=stage, run_id=run_id, model=backend.model, backend=backend.kind)
-    selected = select_ids(data.ids, ids, shard, limit)
+    selected = select_ids(data.ids, cfg.ids, cfg.shard, cfg.limit)
     report.selected = len(selected)
     todo = [c for c in selected if c not in done]
     report.done_before = report.selected - len(todo)
 
-    # HolisticCap needs BlendCap and VisualCap of the same id
     inputs: dict[str, dict[int, dict]] = {}
     if stage == "holisticcap":
-        inputs = {s: stage_records(run_dir, s) for s in ("blendcap", "visualcap")}
-        ready = [c for c in todo if c in inputs["blendcap"] and c in inputs["visualcap"]]
-        report.missing_inputs = len(todo) - len(ready)
-        if report.missing_inputs:
-            logger.warning("holisticcap: %d ids lack blendcap and/or visualcap output and are skipped; run those "
-                           "stages first", report.missing_inputs)
-        todo = ready
+        inputs, todo = _holisticcap_inputs(run_dir, todo, report)
 
     manifest_path = stage_dir / "runs" / f"{run_id}.json"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     mark_killed_runs(stage_dir)
 
     def write_manifest() -> None:
-        write_json_atomic(manifest_path, {
-            "run_id": run_id, "stage": stage, "status": report.status, "started_at": started,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "pid": os.getpid(),
-            "dataset": data.source, "split": data.split,
-            "selection": {"ids": None if ids is None else len(ids), "limit": limit, "shard": f"{shard[0]}/{shard[1]}"},
-            "generation": backend.settings(),
-            "prompt": {"source": template.source, "sha256": template.sha256, "system_mode": system_mode,
-                       "template": template.canonical()},
-            "report": asdict(report), "versions": _versions(), **(manifest_extra or {})})
+        write_json(manifest_path, _manifest(report, started, data, backend, template, cfg))
 
     retries_before = Counter(backend.retry_counts)
     flag_counts: Counter[str] = Counter()
@@ -242,11 +297,11 @@ def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend
 
     write_manifest()
     store.on_flush = shard_written
-    bar = tqdm(total=len(todo), desc=stage, unit="cap", disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(total=len(todo), desc=stage, unit="cap", disable=not cfg.progress, dynamic_ncols=True, smoothing=0.05)
     try:
         for start in range(0, len(todo), backend.chunk_size):
             chunk = todo[start:start + backend.chunk_size]
-            requests = _requests(stage, data, chunk, template, system_mode, inputs)
+            requests = _requests(stage, data, chunk, template, cfg.system_mode, inputs)
             if len(requests) < len(chunk):
                 missing = sorted(set(chunk) - {r.cocoid for r in requests})
                 report.missing_inputs += len(missing)
@@ -257,28 +312,18 @@ def run_stage(stage: str, data: CocoSplit, run_dir: str | Path, backend: Backend
                 if res.error is not None:
                     failures.append(res)
                     continue
-                text = clean_caption(res.text)
-                flags = caption_flags(text, res.finish_reason, min_words=min_words)
-                rec: dict[str, Any] = {"cocoid": res.cocoid, "split": data.split, "stage": stage, "text": text,
-                                       "raw": res.text, "flags": flags, "finish_reason": res.finish_reason,
-                                       "retries": res.retries, "model": backend.model, "backend": backend.kind,
-                                       "prompt_sha256": template.sha256, "run_id": run_id}
-                if stage == "holisticcap":
-                    b, v = inputs["blendcap"][res.cocoid], inputs["visualcap"][res.cocoid]
-                    rec["inputs_sha256"] = hashlib.sha256(f"{b['text']}\0{v['text']}".encode()).hexdigest()[:16]
-                    if b.get("flags") or v.get("flags"):
-                        rec["flags"] = flags = flags + ["input_flagged"]
+                rec = _caption_record(stage, res, data, backend, template, run_id, inputs, cfg.min_words)
                 report.new += 1
-                if flags:
+                if rec["flags"]:
                     report.flagged += 1
-                    flag_counts.update(flags)
+                    flag_counts.update(rec["flags"])
                 store.add(rec)  # last: a shard written here updates the manifest with these counts
             report.failed += len(failures)
             report.failed_ids += [f.cocoid for f in failures]
             bar.update(len(chunk))
             bar.set_postfix(flagged=report.flagged, retries=sum((backend.retry_counts - retries_before).values()),
                             refresh=False)
-            if failures and on_error == "raise":
+            if failures and cfg.on_error == "raise":
                 f = failures[0]
                 more = f" (and {len(failures) - 1} more in this batch)" if len(failures) > 1 else ""
                 raise VCBError(f"{stage}: model call for cocoid {f.cocoid} failed{more}: {f.error}")

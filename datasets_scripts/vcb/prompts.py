@@ -19,6 +19,8 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from common import not_found
+
 __all__ = ["STAGES", "DEFAULT_PROMPTS_DIR", "SYSTEM_MODES", "PromptTemplate", "load_prompt", "load_prompts"]
 
 STAGES = ("blendcap", "visualcap", "holisticcap")
@@ -118,7 +120,7 @@ def load_prompt(stage: str, prompts_dir: str | Path | None = None) -> PromptTemp
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     path = Path(prompts_dir or DEFAULT_PROMPTS_DIR) / f"{stage}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"prompt template {path} not found; copy datasets_scripts/prompts/{stage}.yaml there")
+        raise not_found("prompt template", path, f"copy datasets_scripts/prompts/{stage}.yaml there")
     tpl = PromptTemplate.from_file(path)
     if tpl.stage != stage:
         raise ValueError(f"{path} declares stage {tpl.stage!r}, expected {stage!r}")

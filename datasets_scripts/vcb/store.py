@@ -2,8 +2,8 @@
 
 A stage folder holds ``shards/*.jsonl`` files, each a complete set of records (one JSON
 object per line, keyed by ``cocoid``), and ``runs/*.json`` manifests. Records are buffered in
-memory and written as a whole new shard: ``.<name>.part`` is written, flushed, fsynced and
-``os.replace``-d to ``<name>.jsonl``, then the folder is fsynced. A shard file therefore
+memory and written as a whole new shard with ``common.write_bytes`` (a ``.<name>.<random>.part``
+file written, fsynced and ``os.replace``-d to ``<name>.jsonl``, the folder fsynced). A shard file therefore
 either exists complete or not at all; a process killed at any moment (SIGKILL included)
 loses at most its buffer, whose ids the next run redoes. On start a writer deletes its own
 stale ``.part`` files and reads every complete shard to know the finished ids, so a rerun
@@ -18,46 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-__all__ = ["ShardStore", "read_records", "write_json_atomic", "fsync_dir"]
+from common import write_bytes
+
+__all__ = ["ShardStore", "read_records"]
 
 logger = logging.getLogger(__name__)
-
-
-def fsync_dir(path: str | Path) -> None:
-    """fsync a directory so that a rename in it survives a power loss (no-op where unsupported)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a fsynced temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _read_shard(path: Path) -> list[dict]:
@@ -147,13 +117,7 @@ class ShardStore:
             return
         name = f"{self.writer}-{self.session}-{self._seq:05d}.jsonl"
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self._buffer).encode("utf-8")
-        tmp = self.shard_dir / f".{name}.part"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.shard_dir / name)
-        fsync_dir(self.shard_dir)
+        write_bytes(self.shard_dir / name, data)  # through .<name>.<random>.part
         self.written += len(self._buffer)
         self._seq += 1
         self._buffer = []

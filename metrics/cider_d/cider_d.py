@@ -41,6 +41,8 @@ from .ptb_tokenizer import ptb_tokenize
 # the table loader next to this script
 _REQUIREMENTS = (pycocoevalcap, load_tables)
 
+# A vendored copy of publishing.citations.bibtex(*METRIC_CITATIONS["cider_d"]) (this module loads
+# standalone); tests/test_citations.py checks that the two are equal.
 _CITATION = """\
 @inproceedings{vedantam2015cider,
   title     = {CIDEr: Consensus-based Image Description Evaluation},
@@ -56,9 +58,9 @@ _CITATION = """\
 }
 @article{gaur2024detect,
   title   = {No Detail Left Behind: Revisiting Self-Retrieval for Fine-Grained Image Captioning},
-  author  = {Gaur, Manu and Darshan Singh S and Tapaswi, Makarand},
-  journal = {Transactions on Machine Learning Research},
-  year    = {2025}
+  author  = {Gaur, Manu and Singh S, Darshan and Tapaswi, Makarand},
+  journal = {arXiv preprint arXiv:2409.03025},
+  year    = {2024}
 }
 """
 

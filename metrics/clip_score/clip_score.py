@@ -29,7 +29,7 @@ reference implementation. With references, RefCLIP-S(c, R, v) is the harmonic me
 max(max_r cos(E_text(prompt + c), E_text(prompt + r)), 0) (references get the same prompt).
 Scores are in [0, w]; the paper reports them x 100. A missing caption (None) scores 0 and is
 reported. For the NDLB paper's own "ClipSc" (100 * max(cos, 0), no prompt) see the `truematch`
-and `self_retrieval` modules.
+and `self_retrieval` modules (their `clipsc` key).
 """
 
 _KWARGS_DESCRIPTION = """

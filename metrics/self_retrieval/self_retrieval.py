@@ -83,7 +83,8 @@ Args:
 Returns:
     recall_at_1 (`float`): fraction of captions that retrieve their image.
     recall_at_1_<group> (`float`): the same per group label, when `groups` is given.
-    clip_score (`float`): mean 100 * max(cos(caption, own image), 0).
+    clipsc (`float`): the paper's ClipSc, mean 100 * max(cos(caption, own image), 0) (0-100; not
+        Hessel's CLIPScore of the `clip_score` module).
     num_candidates (`int`): images each caption is ranked among (1 + distractors; set mode: the
         largest set size).
     num_captions (`int`), num_missing (`int`), missing (`list` of ids or indices).
@@ -180,7 +181,7 @@ class SelfRetrieval(CaptionMetric):
         scores = clip_s(torch.tensor(own_cos)).tolist()
         out = {
             "recall_at_1": sum(correct) / n if n else float("nan"),
-            "clip_score": sum(s for i, s in enumerate(scores) if not missing_mask[i]) / n if n else float("nan"),
+            "clipsc": sum(s for i, s in enumerate(scores) if not missing_mask[i]) / n if n else float("nan"),
             "num_candidates": num_candidates,
             "num_captions": n,
             "num_missing": len(missing),

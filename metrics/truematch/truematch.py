@@ -16,12 +16,14 @@ from .image_loading import open_image
 
 __all__ = ["Truematch"]
 
+# A vendored copy of publishing.citations.bibtex(*METRIC_CITATIONS["truematch"]) (this module loads
+# standalone); tests/test_citations.py checks that the two are equal.
 _CITATION = """\
 @article{gaur2024detect,
   title   = {No Detail Left Behind: Revisiting Self-Retrieval for Fine-Grained Image Captioning},
-  author  = {Gaur, Manu and Darshan Singh S and Tapaswi, Makarand},
-  journal = {Transactions on Machine Learning Research},
-  year    = {2025}
+  author  = {Gaur, Manu and Singh S, Darshan and Tapaswi, Makarand},
+  journal = {arXiv preprint arXiv:2409.03025},
+  year    = {2024}
 }
 """
 
@@ -58,7 +60,8 @@ Returns:
     recall_at_1 (`float`): fraction of (caption, bag) pairs retrieved, over all bags.
     recall_at_1_bag_<s> (`float`): the same over bags of size s (TrueMatch #s).
     num_bags_<s> (`int`): number of bags of size s.
-    clip_score (`float`): mean 100 * max(cos, 0) between each bagged image and its caption.
+    clipsc (`float`): the paper's ClipSc, mean 100 * max(cos, 0) between each bagged image and its caption
+        (0-100; not Hessel's CLIPScore of the `clip_score` module).
     num_captions (`int`): (caption, bag) pairs scored.
     num_missing (`int`) and missing (`list`): images in a bag without a caption (ids or indices).
 Examples:
@@ -87,7 +90,10 @@ Examples:
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Truematch(CaptionMetric):
-    """TrueMatch bag R@1 (NDLB Sec. 3) on the shared CLIP-scoring core."""
+    """TrueMatch bag R@1 (NDLB Sec. 3) on the shared CLIP-scoring core.
+
+    Spelled ``Truematch``, not ``TrueMatch``: evaluate names a module after its class in snake case,
+    and the module's name is ``truematch`` (``TrueMatch`` would make it ``true_match``)."""
 
     def _info(self):
         return evaluate.MetricInfo(
@@ -145,7 +151,7 @@ class Truematch(CaptionMetric):
         missing = [_label(i, ids) for i in used if missing_mask[i]]
         out = {
             "recall_at_1": sum(all_ok) / len(all_ok) if all_ok else float("nan"),
-            "clip_score": sum(scores) / len(scores) if scores else float("nan"),
+            "clipsc": sum(scores) / len(scores) if scores else float("nan"),
             "num_captions": len(all_ok),
             "num_missing": len(missing),
             "missing": missing,

@@ -1,4 +1,4 @@
-"""The model card (README.md) of a published ClipCap captioner.
+"""The model card (README.md) of a published ClipCap captioner (``publishing/templates/model_card.md``).
 
 Metadata (YAML front matter) is built with `huggingface_hub.ModelCardData` / `EvalResult`:
 ``library_name: transformers``, ``pipeline_tag: image-to-text``, licence, datasets, base models,
@@ -22,13 +22,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from .citations import NDLB
+
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
-NDLB_CITATION = """@article{gaur2024nodetail,
-  title   = {No Detail Left Behind: Revisiting Self-Retrieval for Fine-Grained Image Captioning},
-  author  = {Gaur, Manu and Singh S, Darshan and Tapaswi, Makarand},
-  journal = {arXiv preprint arXiv:2409.03025},
-  year    = {2024}
-}"""
 DEFAULT_TAGS = ["image-captioning", "clipcap", "self-retrieval", "fine-grained", "ndlb", "custom_code"]
 TASK = "image-to-text"
 
@@ -356,13 +352,12 @@ def render_model_card(
         project_ref=f"the [project repository]({project_url})" if project_url else "the project repository",
         evaluation=evaluation_markdown(results_list, results_names),
         training=training_markdown(training_info or {}, training_notes), license_text=license_text.strip(),
-        citation=NDLB_CITATION,
+        citation=NDLB,
     )
     return string.Template(TEMPLATE.read_text(encoding="utf-8")).substitute(fields)
 
 
 __all__ = [
-    "NDLB_CITATION",
     "architecture_rows",
     "display_name",
     "eval_results",
