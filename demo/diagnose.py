@@ -225,7 +225,8 @@ def diagnose(out: str | Path, sizes=(3,), max_bags: int | None = None, probe_epo
     from transformers import AutoTokenizer
 
     from datasets_scripts.truematch import read_authors_bags
-    from demo.run import Paths, write_json
+    from common import write_json
+    from demo.run import Paths
     from metrics.clip_judge import ClipJudge
 
     p = Paths(Path(out))

@@ -36,6 +36,7 @@ __all__ = [
     "build_judge_a",
     "build_judge_b",
     "judge_quality",
+    "pair_accuracy",
     "pixel_tensor",
     "train_judge",
 ]
@@ -63,6 +64,9 @@ class JudgeSpec:
     warmup: int = 40
     complete_fraction: float = 0.5
     twin_fraction: float = 0.0
+    # std of the vision tower's position embeddings at initialisation (None: the library's own; see
+    # :func:`init_position_embeddings`)
+    position_init_std: float | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -81,6 +85,23 @@ def pixel_tensor(images, image_size: int) -> torch.Tensor:
 
 # -- the two architectures ------------------------------------------------------------------------
 
+@torch.no_grad()
+def init_position_embeddings(model, std: float | None) -> None:
+    """Re-initialise the vision tower's position embeddings with ``std``.
+
+    transformers' CLIP starts them at std 0.02, about 13x weaker than the patch embeddings of the
+    world's images: the image tower starts (nearly) blind to where things are, the text tower then
+    has no reason to read position words, and neither ever learns positions (a saddle point of the
+    contrastive loss: each tower's gradient towards position is proportional to the other's
+    sensitivity to it). Starting the positions as strong as the content breaks the symmetry.
+    """
+    if std is None:
+        return
+    param = (model.vision_model.embeddings.position_embedding.weight if hasattr(model, "vision_model")
+             else model.visual.positional_embedding)
+    param.normal_(0.0, std)
+
+
 def build_judge_a(tokenizer, spec: JudgeSpec, image_size: int = 32):
     """A transformers ``CLIPModel`` + its image processor. The vision config repeats
     ``projection_dim`` so that ``CLIPVisionModelWithProjection.from_pretrained(folder)`` (the
@@ -96,6 +117,7 @@ def build_judge_a(tokenizer, spec: JudgeSpec, image_size: int = 32):
                   projection_dim=spec.embed_dim)
     torch.manual_seed(spec.seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec.embed_dim))
+    init_position_embeddings(model, spec.position_init_std)
     processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                    crop_size={"height": image_size, "width": image_size},
                                    image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
@@ -120,6 +142,7 @@ def build_judge_b(spec: JudgeSpec, image_size: int = 32):
     cfg = open_clip_model_cfg(spec, image_size)
     torch.manual_seed(spec.seed)
     model = open_clip.CLIP(**cfg)
+    init_position_embeddings(model, spec.position_init_std)
     preprocess = open_clip.image_transform(image_size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=spec.context_length)
     return model, preprocess, tokenizer, cfg
@@ -223,24 +246,15 @@ def train_judge(model, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
 
 
 @torch.no_grad()
-def judge_quality(judge, images, references: list[list[str]], complete: list[str], twins=None,
-                  twin_texts: list[str] | None = None, twin_kinds: list[str] | None = None, pool: int = 100,
+def judge_quality(judge, images, references: list[list[str]], complete: list[str], pool: int = 100,
                   seed: int = 0) -> dict[str, float]:
-    """How well a trained judge reads the world (held-out images).
-
-    * ``complete_r1`` / ``sparse_r1``: text -> image R@1 of a complete description / one sparse
-      reference among ``pool`` images (its own + random others).
-    * ``twin_acc`` (when ``twins`` are given): the complete description of an image is closer to
-      it than to its twin (the same scene with one attribute changed) — fine-grained binding;
-      ``twin_acc_<kind>`` per changed attribute when ``twin_kinds`` are given.
-    """
+    """How well a trained judge reads the world (held-out images): ``complete_r1`` / ``sparse_r1``,
+    the text -> image R@1 of a complete description / one sparse reference among ``pool`` images
+    (its own + random others)."""
     from metrics.clip_judge import similarity
 
-    def as_input(x):
-        return x if isinstance(x, torch.Tensor) else list(x)
-
     n = len(images)
-    img = judge.embed_images(as_input(images))
+    img = judge.embed_images(list(images))
     rng = np.random.default_rng(seed)
     out = {}
     for name, texts in (("complete_r1", complete), ("sparse_r1", [r[0] for r in references])):
@@ -252,17 +266,34 @@ def judge_quality(judge, images, references: list[list[str]], complete: list[str
             sim = similarity(txt[i : i + 1], img[cand])[0]
             hits.append(bool(sim[0] > sim[1:].max()))
         out[name] = float(np.mean(hits))
-    if twins is not None:
-        twin_img = judge.embed_images(as_input(twins))
-        txt = judge.embed_texts(list(complete))
-        own = (txt * img).sum(-1)
-        other = (txt * twin_img).sum(-1)
-        hits = (own > other).float()
-        out["twin_acc"] = float(hits.mean())
-        for kind in sorted(set(twin_kinds or [])):
-            rows = [i for i, k in enumerate(twin_kinds) if k == kind]
-            out[f"twin_acc_{kind}"] = float(hits[rows].mean())
-        if twin_texts is not None:  # and the twin's description is closer to the twin
-            txt2 = judge.embed_texts(list(twin_texts))
-            out["twin_text_acc"] = float(((txt2 * twin_img).sum(-1) > (txt2 * img).sum(-1)).float().mean())
+    return out
+
+
+@torch.no_grad()
+def pair_accuracy(judge, images, complete: list[str], pairs: dict[str, tuple[list[int], list, list[str]]]
+                  ) -> dict[str, dict[str, float]]:
+    """Minimal-pair accuracy per kind of change (``demo.run.pair_sets``): the share of pairs in
+    which the complete description of an image is closer to that image than to its twin (the same
+    scene with one thing changed), i.e. the judge retrieves the right image of the pair from the
+    text; ``both``: and the twin's description is closer to the twin too. ``all``: every pair.
+
+    Returns ``{kind: {"accuracy", "both", "pairs"}}``.
+    """
+    img = judge.embed_images(list(images))
+    txt = judge.embed_texts(list(complete))
+    out, hits_all, both_all = {}, [], []
+    for kind, (rows, twin_images, twin_texts) in pairs.items():
+        if not rows:
+            continue
+        twin_img = judge.embed_images(list(twin_images))
+        twin_txt = judge.embed_texts(list(twin_texts))
+        hits = (txt[rows] * img[rows]).sum(-1) > (txt[rows] * twin_img).sum(-1)
+        back = (twin_txt * twin_img).sum(-1) > (twin_txt * img[rows]).sum(-1)
+        out[kind] = {"accuracy": float(hits.float().mean()), "both": float((hits & back).float().mean()),
+                     "pairs": len(rows)}
+        hits_all.append(hits)
+        both_all.append(hits & back)
+    if hits_all:
+        hits, both = torch.cat(hits_all), torch.cat(both_all)
+        out["all"] = {"accuracy": float(hits.float().mean()), "both": float(both.float().mean()), "pairs": len(hits)}
     return out

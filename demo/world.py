@@ -84,7 +84,7 @@ POSITION_PHRASES = {
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 NOUNS = ["shape", "object"]
 
-CAPTION_TOKENS = 14  # the caption length limit of the demo (max_new_tokens); a complete description: 24 on average
+CAPTION_TOKENS = 16  # the caption length limit of the demo (max_new_tokens), chosen on val bags (demo.select); a complete description: 24 on average
 
 # object radius in pixels at 32 px (scaled with the image size)
 _RADIUS = {"small": 4.2, "large": 7.0}
@@ -285,7 +285,7 @@ def scene_attributes(scene: Scene) -> set[tuple[str, str]]:
 
 def generate_world(n_train: int, n_val: int, n_test: int, seed: int = 0, image_size: int = 32,
                    progress: bool = True):
-    """A COCO-format `datasets.DatasetDict` (API contract 2) of rendered scenes.
+    """A `datasets.DatasetDict` of rendered scenes in the "COCO dataset" format (docs/formats.md).
 
     Columns: ``cocoid`` (int64, unique over splits), ``image`` (PNG bytes), ``captions`` (5 sparse
     references), ``complete`` (the complete description), ``scene`` (JSON), ``split``.
@@ -353,20 +353,45 @@ def train_tokenizer(texts: list[str], out_dir: str | Path | None = None, vocab_s
     return tokenizer
 
 
-TWIN_KINDS = ("shape", "colour", "size", "cell", "background")
+TWIN_KINDS = ("shape", "colour", "size", "cell", "background", "binding")
 
 
-def twin(scene: Scene, rng: np.random.Generator, weights: dict[str, float] | None = None) -> Scene:
-    """The same scene with exactly one attribute changed (an object's shape, colour, size or cell,
-    or the background): a minimal pair for measuring (and teaching) fine-grained discrimination.
-    ``weights``: relative frequency of each kind of change (default: uniform)."""
+def twin_kinds(scene: Scene) -> list[str]:
+    """The kinds of minimal pair :func:`twin` can make of ``scene``: "cell" needs a free cell and
+    "binding" two objects that differ in both colour and shape."""
+    objs = scene.objects
+    kinds = [k for k in TWIN_KINDS if k not in ("cell", "binding")]
+    if len(objs) < len(CELLS):
+        kinds.append("cell")
+    if any(a.colour != b.colour and a.shape != b.shape for i, a in enumerate(objs) for b in objs[i + 1:]):
+        kinds.append("binding")
+    return kinds
+
+
+def twin(scene: Scene, rng: np.random.Generator, weights: dict[str, float] | None = None,
+         kind: str | None = None) -> Scene:
+    """The same scene with exactly one thing changed: an object's shape, colour, size or cell, the
+    background, or the binding of colours to shapes (two objects of different colours and shapes
+    swap their colours: the same colours and shapes, bound the other way round). A minimal pair for
+    measuring (and teaching) fine-grained discrimination. ``weights``: relative frequency of each
+    kind (default: uniform over the kinds the scene allows); ``kind``: force one (it must be
+    allowed, see :func:`twin_kinds`)."""
     objs = list(scene.objects)
-    free_cells = [c for c in range(len(CELLS)) if c not in {o.cell for o in objs}]
-    kinds = [k for k in TWIN_KINDS if k != "cell" or free_cells]
-    w = np.array([(weights or {}).get(k, 1.0) for k in kinds], dtype=float)
-    kind = kinds[rng.choice(len(kinds), p=w / w.sum())]
+    allowed = twin_kinds(scene)
+    if kind is None:
+        w = np.array([(weights or {}).get(k, 1.0) for k in allowed], dtype=float)
+        kind = allowed[rng.choice(len(allowed), p=w / w.sum())]
+    elif kind not in allowed:
+        raise ValueError(f"a {kind!r} twin is impossible for this scene (allowed: {allowed})")
     if kind == "background":
         return Scene(rng.choice([b for b in BACKGROUNDS if b != scene.background]), scene.objects, scene.seed)
+    if kind == "binding":
+        pairs = [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs))
+                 if objs[i].colour != objs[j].colour and objs[i].shape != objs[j].shape]
+        i, j = pairs[int(rng.integers(len(pairs)))]
+        a, b = objs[i], objs[j]
+        objs[i], objs[j] = Obj(a.shape, b.colour, a.size, a.cell), Obj(b.shape, a.colour, b.size, b.cell)
+        return Scene(scene.background, tuple(objs), scene.seed)
     j = int(rng.integers(len(objs)))
     o = objs[j]
     if kind == "shape":
@@ -376,18 +401,25 @@ def twin(scene: Scene, rng: np.random.Generator, weights: dict[str, float] | Non
     elif kind == "size":
         o = Obj(o.shape, o.colour, "large" if o.size == "small" else "small", o.cell)
     else:
+        free_cells = [c for c in range(len(CELLS)) if c not in {x.cell for x in objs}]
         o = Obj(o.shape, o.colour, o.size, int(rng.choice(free_cells)))
     objs[j] = o
     return Scene(scene.background, tuple(sorted(objs, key=lambda x: x.cell)), scene.seed)
 
 
 def twin_kind(scene: Scene, other: Scene) -> str:
-    """Which attribute :func:`twin` changed: "background", "cell", "shape", "colour" or "size"."""
+    """Which kind of change :func:`twin` made: "background", "cell", "binding", "shape", "colour"
+    or "size"."""
     if scene.background != other.background:
         return "background"
     if [o.cell for o in scene.objects] != [o.cell for o in other.objects]:
         return "cell"
-    for a, b in zip(scene.objects, other.objects):
+    changed = [(a, b) for a, b in zip(scene.objects, other.objects) if a != b]
+    if len(changed) == 2:
+        (a, b), (c, d) = changed
+        if (b.colour, d.colour) == (c.colour, a.colour) and (a.shape, c.shape) == (b.shape, d.shape):
+            return "binding"
+    for a, b in changed:
         for kind in ("shape", "colour", "size"):
             if getattr(a, kind) != getattr(b, kind):
                 return kind
