@@ -165,3 +165,48 @@ def test_frozen_weight_casts_are_cached_without_changing_values_or_flags():
     assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]
     with _cache_frozen_weight_casts(net, enabled=False):  # fp32 runs: nothing flagged
         assert not net[0].weight.requires_grad
+
+
+def test_frozen_linear_weights_cast_once_give_the_same_bf16_gradients(tokenizer):
+    """The SR log-prob pass under --bf16 casts the frozen linear weights once per step instead of
+    once per chunk: the same loss and LoRA gradients, bit for bit, as autocast's own casts; the
+    float32 weights come back on exit (also after an error); the tied LM head stays float32."""
+    from peft import get_peft_model
+
+    from trainers import sr_lora_config
+    from trainers.sr_trainer import _frozen_matmul_weights_in_bf16
+
+    model, processor = tiny.build_tiny_clipcap(tokenizer, seed=4)
+    model = get_peft_model(model, sr_lora_config("LV"))
+    for name, p in model.named_parameters():  # non-zero LoRA B, so that every adapter gets a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    pixel_values = processor(images=tiny.random_images(3, seed=1))["pixel_values"]
+    ids = torch.randint(1, 40, (3, 6), generator=torch.Generator().manual_seed(0))
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = model(pixel_values=pixel_values, input_ids=ids).logits
+        loss = torch.log_softmax(logits.float(), -1).mean()
+        loss.backward()
+        return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads()
+    with _frozen_matmul_weights_in_bf16(model):
+        dtypes = {k: p.dtype for k, p in model.named_parameters()}
+        cast_loss, cast = loss_and_grads()
+    assert sum(d == torch.bfloat16 for d in dtypes.values()) >= 10  # the frozen towers' linear weights
+    assert all(dtypes[k] == torch.float32 for k, p in model.named_parameters() if p.requires_grad)
+    lm_head = model.get_output_embeddings().weight
+    assert lm_head.dtype == torch.float32
+    assert cast_loss == plain_loss and plain.keys() == cast.keys() and len(plain) > 0
+    for name, grad in plain.items():
+        assert torch.equal(cast[name], grad), name
+    with pytest.raises(RuntimeError, match="boom"), _frozen_matmul_weights_in_bf16(model):
+        raise RuntimeError("boom")
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+    with _frozen_matmul_weights_in_bf16(model, enabled=False):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
