@@ -7,9 +7,6 @@ what the operators do:
   scaled-dot-product attention, ...), forward and backward;
 - ``cast``: dtype conversions (``_to_copy``, ``copy_``): under autocast the frozen fp32 weights are
   cast to bf16 at every call (torch caches a cast only for leaf tensors that require grad);
-  ``bf16`` casts them once before the pass as SRTrainer does once per step
-  (``trainers.sr_trainer._frozen_matmul_weights_in_bf16``; the cast itself is left out of the
-  timing, it is paid once for all chunks), ``bf16_autocast_casts`` leaves them to autocast;
 - ``vocabulary``: the log-softmax / softmax / entropy over the 50,257-token vocabulary and its
   backward (float32 in SRTrainer by design);
 - ``other``: everything else (layer norms, GELU, element-wise ops, indexing).
@@ -23,6 +20,7 @@ Writes benchmarks/results/profile_sr_fwd_bwd.json (or `--output`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,12 +47,10 @@ def group_of(op: str) -> str:
     return "other"
 
 
-def profile_pass(model, pixel_values, ids, mask, bf16: bool, repeats: int, cast_once: bool = False) -> dict:
+def profile_pass(model, pixel_values, ids, mask, bf16: bool, repeats: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from trl.trainer.utils import selective_log_softmax
-
-    from trainers.sr_trainer import _frozen_matmul_weights_in_bf16
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -65,14 +61,13 @@ def profile_pass(model, pixel_values, ids, mask, bf16: bool, repeats: int, cast_
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    step()  # warm-up
     walls = []
-    with _frozen_matmul_weights_in_bf16(model, enabled=cast_once):  # SRTrainer: once per step, for all chunks
-        step()  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                step()
-                walls.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            walls.append(time.perf_counter() - start)
     totals: dict[str, float] = {}
     for event in prof.key_averages():
         totals[group_of(event.key)] = totals.get(group_of(event.key), 0.0) + event.self_cpu_time_total
@@ -106,17 +101,16 @@ def main(argv=None) -> dict:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50257, (args.chunk, args.tokens), generator=generator)
     mask = torch.ones(args.chunk, args.tokens)
-    results = {"chunk": args.chunk, "tokens": args.tokens, "threads": torch.get_num_threads(),
+    results = {"command": "python benchmarks/profile_sr_fwd_bwd.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "chunk": args.chunk, "tokens": args.tokens, "threads": torch.get_num_threads(),
+               "load_average_before": os.getloadavg(),
                "fp32": profile_pass(model, pixel_values, ids, mask, False, args.repeats),
-               "bf16_autocast_casts": profile_pass(model, pixel_values, ids, mask, True, args.repeats),
-               "bf16": profile_pass(model, pixel_values, ids, mask, True, args.repeats, cast_once=True)}
-    for name in ("bf16_autocast_casts", "bf16"):
-        results[f"{name}_speedup"] = round(results["fp32"]["wall_s"] / results[name]["wall_s"], 2)
-    for name in ("fp32", "bf16_autocast_casts", "bf16"):
+               "bf16": profile_pass(model, pixel_values, ids, mask, True, args.repeats)}
+    results["bf16_speedup"] = round(results["fp32"]["wall_s"] / results["bf16"]["wall_s"], 2)
+    for name in ("fp32", "bf16"):
         r = results[name]
         print(f"{name}: {r['wall_s']:.2f} s per pass; self CPU s by group: {r['self_cpu_s']}")
-    print(f"bf16 speed-up of the pass: {results['bf16_speedup']}x (casting in every pass: "
-          f"{results['bf16_autocast_casts_speedup']}x)")
+    print(f"bf16 speed-up of the pass: {results['bf16_speedup']}x")
     return write_results(Path(args.output), results)
 
 

@@ -88,37 +88,6 @@ def _cache_frozen_weight_casts(model: torch.nn.Module, enabled: bool = True):
             p.requires_grad_(False)
 
 
-@contextlib.contextmanager
-def _frozen_matmul_weights_in_bf16(model: torch.nn.Module, enabled: bool = True):
-    """For a forward + backward in bf16 autocast: the frozen weights of the linear layers are bf16
-    for the duration (their float32 values are put back on exit, also when the body raises).
-
-    With gradients enabled torch's autocast casts a frozen weight again at every call (it caches
-    the cast only of leaves that require grad), i.e. once per log-prob chunk for every weight of
-    GPT-2 and CLIP in the LoRA modes; `benchmarks/profile_sr_fwd_bwd.py` measured those casts as
-    the largest cost of the bf16 pass. Casting once gives the same bf16 values autocast would make
-    (round to nearest), so losses and gradients are unchanged. Weights shared with an embedding
-    (GPT-2's tied LM head) stay float32: the embedding lookup would otherwise change dtype.
-    """
-    swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-    if enabled:
-        from transformers.pytorch_utils import Conv1D
-
-        tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        for module in model.modules():
-            weight = getattr(module, "weight", None) if isinstance(module, (torch.nn.Linear, Conv1D)) else None
-            if (weight is None or weight.requires_grad or weight.dtype != torch.float32 or id(weight) in tied
-                    or any(weight is w for w, _ in swapped)):
-                continue
-            swapped.append((weight, weight.data))
-            weight.data = weight.data.to(torch.bfloat16)
-    try:
-        yield
-    finally:
-        for weight, data in swapped:
-            weight.data = data
-
-
 def completion_mask(ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
     """1 for each caption token up to and including the first stop token, 0 after (padding).
 
@@ -505,17 +474,15 @@ class SRTrainer(Trainer):
         n = len(inputs["completion_ids"])
         size = self.args.logprob_chunk_size or n
         total, skipped = torch.zeros((), device=device), 0
-        cast_once = self.args.bf16 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        with _frozen_matmul_weights_in_bf16(model, enabled=cast_once):  # sharded weights: autocast's casts
-            for first in range(0, n, size):
-                chunk = {key: value[first : first + size] for key, value in inputs.items()}
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, chunk, num_items_in_batch=n)
-                if not bool(self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0):
-                    skipped += 1
-                    continue
-                self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
-                total += loss.detach()
+        for first in range(0, n, size):
+            chunk = {key: value[first : first + size] for key, value in inputs.items()}
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, chunk, num_items_in_batch=n)
+            if not bool(self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0):
+                skipped += 1
+                continue
+            self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+            total += loss.detach()
         if skipped:
             self.skipped_updates += 1
             warnings.warn(f"non-finite SR loss at step {self.state.global_step} in {skipped} of "
