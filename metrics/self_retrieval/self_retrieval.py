@@ -23,7 +23,7 @@ from .clip_judge import (
     similarity,
 )
 # evaluate.load copies only the siblings a module script imports itself: clip_judge.py needs this one
-from .image_loading import open_image  # noqa: F401
+from .image_loading import open_image
 
 __all__ = ["SelfRetrieval", "load_imagecode"]
 

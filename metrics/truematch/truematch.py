@@ -12,7 +12,7 @@ import torch
 from .caption_metric import CaptionMetric, split_missing
 from .clip_judge import DEFAULT_JUDGE, bag_recall_at_1, clip_s, get_judge, resolve_image_embeddings, similarity
 # evaluate.load copies only the siblings a module script imports itself: clip_judge.py needs this one
-from .image_loading import open_image  # noqa: F401
+from .image_loading import open_image
 
 __all__ = ["Truematch"]
 
