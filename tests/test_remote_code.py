@@ -78,6 +78,18 @@ def test_the_model_leaves_its_config_alone_and_a_save_writes_the_entries(tokeniz
     assert (tmp_path / "pipeline_clipcap.py").is_file()
 
 
+def run_without_the_repository(script: str, args: list, tmp_path) -> dict:
+    """Run `script` in a fresh offline Python process that cannot import this repository (no
+    PYTHONPATH, working directory `tmp_path`, its own remote-code module cache); return the JSON it
+    writes to out.json."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((tmp_path / "out.json").read_text())
+
+
 FRESH = """
 import json, sys, torch, transformers
 from transformers import pipeline
@@ -116,13 +128,7 @@ def test_every_auto_class_loads_in_a_fresh_process(tiny_clipcap_dir, tokenizer, 
     with torch.no_grad():
         logits = model(pixel_values=pixel_values, input_ids=torch.tensor([[5, 6, 7]])).logits[:, -1, :8]
         ids = model.generate(pixel_values=pixel_values, max_new_tokens=8)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    run = subprocess.run([sys.executable, "-c", FRESH, str(tiny_clipcap_dir), str(tmp_path / "pixels.pt"),
-                          str(tmp_path / "image.png")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    out = run_without_the_repository(FRESH, [tiny_clipcap_dir, tmp_path / "pixels.pt", tmp_path / "image.png"], tmp_path)
     assert out["repo_imported"] == []
     loaded = out["loaded"]
     assert set(loaded) == set(AUTO_MAP) | {"AutoTokenizer", "AutoImageProcessor"}
@@ -162,13 +168,7 @@ def test_a_model_loaded_as_remote_code_and_saved_again_keeps_its_pipeline(tiny_c
     image.save(tmp_path / "image.png")
     expected = pipeline("image-to-text", model=str(tiny_clipcap_dir), trust_remote_code=True,
                         max_new_tokens=8)(image)[0]["generated_text"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    run = subprocess.run([sys.executable, "-c", RESAVE, str(tiny_clipcap_dir), str(tmp_path / "resaved"),
-                          str(tmp_path / "image.png")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    out = run_without_the_repository(RESAVE, [tiny_clipcap_dir, tmp_path / "resaved", tmp_path / "image.png"], tmp_path)
     assert out["repo_imported"] == []
     assert {"pipeline_clipcap.py", "image_loading.py", "modeling_clipcap.py", "config.json"} <= set(out["files"])
     saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
