@@ -185,12 +185,12 @@ def differences(folders: dict[int, Path], sizes=(3, 5, 7), other_mode_row: str |
 
 
 def run_study(out: str | Path, seeds: list[int], jobs: int = 2, threads: int = 1, run: bool = True,
-              n_boot: int = 10000, all_rows: bool = True) -> dict[str, Any]:
+              n_boot: int = 10000, all_rows: bool = True, judges: str = "default") -> dict[str, Any]:
     """Run (or reuse) the study rows for every seed, then write ``study.json`` / ``study.html``
     and the study section of ``report.html``. ``run=False`` only aggregates finished seeds;
     ``all_rows=False`` runs only the rows of ``make demo`` (``demo.run.DEFAULT_RUNS``: the headline,
     its SR-random control and SR + BagCurri from the sparse MLE); differences whose rows are
-    missing are left out."""
+    missing are left out. ``judges``: the judge recipe (``demo.run.config_for``)."""
     from demo.report import write_study_html
     from demo.run import OTHER_MODE, config_for, paper_runs, run_demo
 
@@ -199,7 +199,7 @@ def run_study(out: str | Path, seeds: list[int], jobs: int = 2, threads: int = 1
     for seed, folder in folders.items():
         if run:
             print(f"[study] seed {seed} in {folder}", file=sys.stderr)
-            run_demo(folder, cfg=config_for(False, seed, study=all_rows), jobs=jobs, threads=threads,
+            run_demo(folder, cfg=config_for(False, seed, study=all_rows, judges=judges), jobs=jobs, threads=threads,
                      command="python -m demo.study")
         if not (folder / "results.json").is_file():
             raise FileNotFoundError(f"{folder / 'results.json'} is missing: run `python -m demo.study --out {out} "
@@ -222,7 +222,7 @@ def run_study(out: str | Path, seeds: list[int], jobs: int = 2, threads: int = 1
     write_json(out / "study.json", study)
     write_study_html(out, study)
     if 0 in folders and run:  # refresh seed 0's report: it shows the study section
-        run_demo(folders[0], cfg=config_for(False, 0, study=all_rows), jobs=jobs, threads=threads,
+        run_demo(folders[0], cfg=config_for(False, 0, study=all_rows, judges=judges), jobs=jobs, threads=threads,
                  command="python -m demo.study")
     return study
 
@@ -237,10 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", choices=["all", "default"], default="all",
                         help="all: every row of the paper's experiments (default); default: only the rows of make demo")
     parser.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples (default: 10000)")
+    parser.add_argument("--judges", choices=["default", "positional"], default="default",
+                        help="judge recipe (demo.run.POSITIONAL_JUDGES; default: default)")
     args = parser.parse_args(argv)
     try:
         study = run_study(args.out, args.seeds, jobs=args.jobs, threads=args.threads, run=not args.no_run,
-                          n_boot=args.n_boot, all_rows=args.rows == "all")
+                          n_boot=args.n_boot, all_rows=args.rows == "all",
+                          judges=args.judges)
     except (FileNotFoundError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -159,6 +159,42 @@ def test_paired_bootstrap_interval():
     assert narrow["ci_high"] - narrow["ci_low"] < 0.6 * (wide["ci_high"] - wide["ci_low"])
 
 
+
+def test_positional_judge_recipe_changes_the_judges_and_what_depends_on_them(tmp_path):
+    from demo.run import POSITIONAL_JUDGES, Paths, config_for, main, stage_graph
+
+    base = config_for(False, 0)
+    cfg = config_for(False, 0, judges="positional")
+    for spec in (cfg.judge_a, cfg.judge_b):
+        assert spec["position_init_std"] == 0.5 and spec["twin_fraction"] == 0.75
+        assert spec["steps"] == base.judge_a["steps"]  # the rest of the judges' settings is kept
+    assert cfg.judge_twin_weights == POSITIONAL_JUDGES["twin_weights"] and cfg.judge_twin_weights["cell"] == 20.0
+    assert base.judge_a.get("position_init_std") is None  # the default recipe is unchanged
+    old = {s.name: s.fingerprint for s in stage_graph(base, Paths(tmp_path))}
+    changed = {s.name for s in stage_graph(cfg, Paths(tmp_path)) if s.fingerprint != old[s.name]}
+    assert {"judge_a", "judge_b", "mining", "mle"} <= changed and "world" not in changed and "gpt2_init" not in changed
+    with pytest.raises(ValueError, match="unknown judge recipe 'blind'"):
+        config_for(False, 0, judges="blind")
+    with pytest.raises(SystemExit):
+        main(["--judges", "blind"])
+
+
+def test_position_embeddings_start_as_strong_as_asked_in_both_judges():
+    from demo.judges import JudgeSpec, build_judge_a, build_judge_b
+    from demo.world import train_tokenizer, world_texts
+
+    tokenizer = train_tokenizer(world_texts(generate_world(8, 0, 0, seed=0, progress=False)))
+    kw = dict(width=32, layers=1, heads=2, patch_size=8, text_width=32, text_layers=1, embed_dim=16)
+    for std, expected in ((None, 0.02), (0.5, 0.5)):
+        model_a, _ = build_judge_a(tokenizer, JudgeSpec(**kw, position_init_std=std))
+        pos_a = model_a.vision_model.embeddings.position_embedding.weight
+        assert abs(float(pos_a.detach().std()) - expected) < 0.25 * expected
+    model_b, *_ = build_judge_b(JudgeSpec(**kw, position_init_std=0.5))
+    assert abs(float(model_b.visual.positional_embedding.detach().std()) - 0.5) < 0.125
+    default_b, *_ = build_judge_b(JudgeSpec(**kw))
+    assert float(default_b.visual.positional_embedding.detach().std()) < 0.3  # open_clip's own, width ** -0.5 = 0.18
+
+
 # -- the judges' folders ------------------------------------------------------------------------------
 
 def test_judges_save_load_and_share_the_vision_tower(tmp_path):
