@@ -956,8 +956,8 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(Path(args.out), args.stage, args.threads)
         return 0
     try:
-        summary = run_demo(args.out, cfg=config_for(args.fast, args.seed, judges=args.judges), fast=args.fast,
-                           seed=args.seed, overwrite=args.overwrite, threads=args.threads, jobs=args.jobs)
+        summary = run_demo(args.out, fast=args.fast, cfg=config_for(args.fast, args.seed, judges=args.judges),
+                           overwrite=args.overwrite, threads=args.threads, jobs=args.jobs)
     except (RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

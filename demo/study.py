@@ -237,13 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", choices=["all", "default"], default="all",
                         help="all: every row of the paper's experiments (default); default: only the rows of make demo")
     parser.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples (default: 10000)")
-    parser.add_argument("--judges", choices=["default", "positional"], default="default",
+    from demo.run import JUDGE_RECIPES
+
+    parser.add_argument("--judges", choices=JUDGE_RECIPES, default="default",
                         help="judge recipe (demo.run.POSITIONAL_JUDGES; default: default)")
     args = parser.parse_args(argv)
     try:
         study = run_study(args.out, args.seeds, jobs=args.jobs, threads=args.threads, run=not args.no_run,
-                          n_boot=args.n_boot, all_rows=args.rows == "all",
-                          judges=args.judges)
+                          n_boot=args.n_boot, all_rows=args.rows == "all", judges=args.judges)
     except (FileNotFoundError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

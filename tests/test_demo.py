@@ -159,7 +159,6 @@ def test_paired_bootstrap_interval():
     assert narrow["ci_high"] - narrow["ci_low"] < 0.6 * (wide["ci_high"] - wide["ci_low"])
 
 
-
 def test_positional_judge_recipe_changes_the_judges_and_what_depends_on_them(tmp_path):
     from demo.run import POSITIONAL_JUDGES, Paths, config_for, main, stage_graph
 
