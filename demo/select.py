@@ -1,6 +1,7 @@
 """The demo's choices, made on the validation bags only (never on the test bags).
 
     python -m demo.select --out demo_out          # seed 0; writes demo_out/selection.json
+    python -m demo.select --out DIR --judges positional   # the same with the positional judges
 
 Runs in the folder of ``make demo`` (its world, judges, MLE models and mined bags are reused) and
 reads no test bag: every candidate is trained with ``train_sr.py`` and scored on the val split's
@@ -18,6 +19,8 @@ TrueMatch bags (mined by judge B with the same filter as the test bags, ``val_tr
 The choices are then written into ``demo.run`` (``SR_MODE``, ``DemoConfig.sr_lr`` /
 ``sr_lora_lr``, ``demo.world.CAPTION_TOKENS``) by hand, and the README reports the table of
 ``selection.json``. They are made once, on seed 0, and used for every seed of the study.
+``judges`` picks the judge recipe (``demo.run.JUDGE_RECIPES``); run it in a folder of
+``python -m demo.run`` with the same recipe, or its judges and bags are retrained first.
 """
 
 from __future__ import annotations
@@ -44,18 +47,22 @@ def _lr_name(mode: str, lr: float) -> str:
 
 
 def select(out: str | Path, seed: int = 0, jobs: int = 2, threads: int = 1, phases=("lr", "length"),
-           lr_grid: dict[str, tuple[float, ...]] | None = None, limits: tuple[int, ...] = LIMITS) -> dict[str, Any]:
+           lr_grid: dict[str, tuple[float, ...]] | None = None, limits: tuple[int, ...] = LIMITS,
+           judges: str = "default") -> dict[str, Any]:
     """Run the selection grid (val only) in ``out`` and write ``out/selection.json``."""
     from common import write_json
-    from demo.run import FULL, SRRun, run_demo
+    from demo.run import SRRun, config_for, run_demo
 
     out = Path(out)
     lr_grid = lr_grid or LR_GRID
-    base = replace(FULL, seed=seed, sr_runs=(), test_eval=False)
+    base = replace(config_for(False, seed, judges=judges), sr_runs=(), test_eval=False)
     sizes = base.bag_sizes
     path = out / "selection.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    result.update({"seed": seed, "criterion_lr": "mean val TrueMatch R@1 over bags of 3/5/7 (judge B)",
+    if result and result.get("judges", "default") != judges:
+        raise ValueError(f"{path} holds a selection made with the {result.get('judges', 'default')!r} judges; "
+                         f"use another --out for --judges {judges}")
+    result.update({"seed": seed, "judges": judges, "criterion_lr": "mean val TrueMatch R@1 over bags of 3/5/7 (judge B)",
                    "criterion_length": "gain over the complete-description MLE at the same limit, mean over 3/5/7"})
     if "lr" in phases:
         runs = tuple(SRRun(_lr_name(mode, lr), mode, "curri", "mle_complete", learning_rate=lr)
@@ -98,15 +105,19 @@ def select(out: str | Path, seed: int = 0, jobs: int = 2, threads: int = 1, phas
 
 
 def main(argv: list[str] | None = None) -> int:
+    from demo.run import JUDGE_RECIPES
+
     parser = argparse.ArgumentParser(prog="python -m demo.select", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="the make-demo folder (default: demo_out)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--phases", nargs="+", default=["lr", "length"], choices=["lr", "length"])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--judges", choices=JUDGE_RECIPES, default="default",
+                        help="judge recipe (default: default; positional: judges that see positions)")
     args = parser.parse_args(argv)
     try:
-        result = select(args.out, args.seed, args.jobs, args.threads, tuple(args.phases))
+        result = select(args.out, args.seed, args.jobs, args.threads, tuple(args.phases), judges=args.judges)
     except (RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

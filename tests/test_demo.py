@@ -194,6 +194,48 @@ def test_position_embeddings_start_as_strong_as_asked_in_both_judges():
     assert float(default_b.visual.positional_embedding.detach().std()) < 0.3  # open_clip's own, width ** -0.5 = 0.18
 
 
+def test_selection_picks_by_val_score_only_and_keeps_its_judge_recipe(tmp_path, monkeypatch):
+    """demo.select on a fake run_demo: the learning rate and mode with the best mean val R@1 win, the
+    length limit with the largest gain over the MLE at the same limit wins, every configuration it asks
+    for reads no test bag and carries the chosen judge recipe, and a folder selected with another
+    recipe is refused."""
+    import demo.run
+    from demo.select import LIMITS, LR_GRID, main, select
+
+    seen = []
+    val_score = {("none", 3e-5): 60.0, ("none", 1e-4): 64.0, ("none", 3e-4): 50.0,
+                 ("LV", 1e-5): 66.0, ("LV", 3e-5): 62.0, ("LV", 1e-4): 61.0}
+    gain = {12: 0.5, 14: 2.0, 16: 1.0}
+
+    def fake_run_demo(out, cfg, jobs, threads):
+        seen.append(cfg)
+        sizes = cfg.bag_sizes
+        records = {"val_mle_complete": {"metrics": {f"val_truematch_r1_{s}": 50.0 for s in sizes}}}
+        for limit in cfg.val_limits:
+            records[f"val_mle_complete@{limit}"] = {"metrics": {f"val_truematch_r1_{s}": 40.0 for s in sizes}}
+        for run in cfg.select_runs:
+            limit = run.caption_tokens or cfg.caption_tokens
+            init = 50.0 if limit == cfg.caption_tokens else 40.0
+            score = init + gain[limit] if run.name.startswith("sel_len") else val_score[(run.lora_modules, run.learning_rate)]
+            records[run.name] = {"best_step": 3, "max_steps": 5}
+            records[f"val_{run.name}"] = {"metrics": {f"val_truematch_r1_{s}": score for s in sizes}}
+        return {"stages": records}
+
+    monkeypatch.setattr(demo.run, "run_demo", fake_run_demo)
+    result = select(tmp_path, judges="positional")
+    assert result["lr"]["best_lr"] == {"none": 1e-4, "LV": 1e-5} and result["lr"]["mode"] == "LV"
+    assert len(result["lr"]["table"]) == sum(len(v) for v in LR_GRID.values())
+    assert [t["limit"] for t in result["length"]["table"]] == list(LIMITS)
+    # the default limit reuses phase 1's run (LV at 1e-5: 66 - 50 = 16 points): it wins here
+    assert result["length"]["limit"] == demo.run.FULL.caption_tokens
+    assert result["judges"] == "positional"
+    assert all(not cfg.test_eval and cfg.sr_runs == () and cfg.judge_b["position_init_std"] == 0.5 for cfg in seen)
+    assert json.loads((tmp_path / "selection.json").read_text())["judges"] == "positional"
+    with pytest.raises(ValueError, match="positional"):
+        select(tmp_path, judges="default")
+    assert main(["--out", str(tmp_path), "--judges", "default"]) == 1
+
+
 # -- the judges' folders ------------------------------------------------------------------------------
 
 def test_judges_save_load_and_share_the_vision_tower(tmp_path):
