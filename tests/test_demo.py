@@ -168,6 +168,7 @@ def test_positional_judge_recipe_changes_the_judges_and_what_depends_on_them(tmp
         assert spec["position_init_std"] == 0.5 and spec["twin_fraction"] == 0.75
         assert spec["steps"] == base.judge_a["steps"]  # the rest of the judges' settings is kept
     assert cfg.judge_twin_weights == POSITIONAL_JUDGES["twin_weights"] and cfg.judge_twin_weights["cell"] == 20.0
+    assert cfg.sr_lora_lr == POSITIONAL_JUDGES["sr"]["sr_lora_lr"] != base.sr_lora_lr  # re-selected on val bags
     assert base.judge_a.get("position_init_std") is None  # the default recipe is unchanged
     old = {s.name: s.fingerprint for s in stage_graph(base, Paths(tmp_path))}
     changed = {s.name for s in stage_graph(cfg, Paths(tmp_path)) if s.fingerprint != old[s.name]}
