@@ -217,6 +217,7 @@ FAST = DemoConfig(
 # binding 0.92 / 0.89 / 0.90 (README, "Judges that see positions"). ``sr``: the SR choices that
 # ``python -m demo.select --judges positional`` made for these judges on the val bags (seed 0):
 # SR-LV stays the better mode, its learning rate moves from 1e-5 to 1e-4, the limit stays 16.
+# Opt-in, not the default: over 3 seeds SR does not gain over its init with these judges (README).
 POSITIONAL_JUDGES: dict[str, Any] = dict(
     spec=dict(twin_fraction=0.75, position_init_std=0.5),
     twin_weights=dict(shape=12.0, cell=20.0, colour=1.0, size=1.0, background=0.5, binding=4.0),

@@ -208,7 +208,7 @@ def run_study(out: str | Path, seeds: list[int], jobs: int = 2, threads: int = 1
     meta = per_seed[seeds[0]]["meta"]
     other = next(r.name for r in paper_runs(OTHER_MODE) if r.bags == "curri" and r.init == "mle_complete")
     study = {
-        "seeds": seeds, "folders": {str(s): str(f) for s, f in folders.items()},
+        "seeds": seeds, "judges": judges, "folders": {str(s): str(f) for s, f in folders.items()},
         "bags_per_seed": {str(s): r["meta"]["bags"]["truematch"] for s, r in per_seed.items()},
         "judges_per_seed": {str(s): {w: j.get("pairs", {}).get("test", {}) for w, j in r["meta"]["judges"].items()}
                             for s, r in per_seed.items()},
