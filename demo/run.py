@@ -238,9 +238,7 @@ def config_for(fast: bool, seed: int, study: bool = False, judges: str = "defaul
     if judges == "positional":
         cfg = replace(cfg, judge_a=dict(cfg.judge_a, **POSITIONAL_JUDGES["spec"]),
                       judge_b=dict(cfg.judge_b, **POSITIONAL_JUDGES["spec"]),
-                      judge_twin_weights=dict(POSITIONAL_JUDGES["twin_weights"]))
-        if not fast:  # the fast run's SR is full fine-tuning at its own learning rate
-            cfg = replace(cfg, **POSITIONAL_JUDGES["sr"])
+                      judge_twin_weights=dict(POSITIONAL_JUDGES["twin_weights"]), **POSITIONAL_JUDGES["sr"])
     return cfg
 
 

@@ -59,8 +59,9 @@ def select(out: str | Path, seed: int = 0, jobs: int = 2, threads: int = 1, phas
     sizes = base.bag_sizes
     path = out / "selection.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    if result and result.get("judges", "default") != judges:
-        raise ValueError(f"{path} holds a selection made with the {result.get('judges', 'default')!r} judges; "
+    made_with = result.get("judges", "default")
+    if result and made_with != judges:
+        raise ValueError(f"{path} holds a selection made with the {made_with!r} judges; "
                          f"use another --out for --judges {judges}")
     result.update({"seed": seed, "judges": judges, "criterion_lr": "mean val TrueMatch R@1 over bags of 3/5/7 (judge B)",
                    "criterion_length": "gain over the complete-description MLE at the same limit, mean over 3/5/7"})
