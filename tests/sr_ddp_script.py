@@ -42,7 +42,3 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # an orderly shutdown: a live gloo group at exit can abort a rank ("terminate called")
-        dist.destroy_process_group()
